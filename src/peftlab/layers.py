@@ -1,0 +1,191 @@
+"""The protocol every adapter layer follows.
+
+An adapter layer wraps one module of the base model (``base_layer``; the base weights stay there,
+frozen) and holds that module's share of one method's adapters, keyed by adapter name. It declares
+its tensors per adapter (:meth:`adapter_state`), so saving, loading, averaging and optimizer setup
+are plain functions over ``dict[str, Tensor]`` and never match parameter names by substring.
+
+Mergeable methods implement :meth:`delta_weight`; :meth:`merge` and :meth:`unmerge` are generic
+on top of it and only ever run when called, never from ``.train()``/``.eval()``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+from .routing import Route, Router, RoutingError
+from .targeting import unwrap
+
+
+class AdapterLayer(nn.Module):
+    """Base class: one wrapped module, the adapters of one method on it."""
+
+    mergeable: bool = False
+
+    def __init__(self, base_layer: nn.Module, router: Router) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        # A plain attribute (not a submodule): every layer of a model shares one router.
+        self._router = router
+        self.merged: list[str] = []
+
+    # -- what subclasses provide -----------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def delete(self, name: str) -> None:
+        raise NotImplementedError
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """This layer's tensors of adapter ``name``, by local key (e.g. ``lora_A.weight``)."""
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """ΔW of adapter ``name`` in the layout of the base weight (mergeable methods only)."""
+        raise NotImplementedError(f"{type(self).__name__} adapters cannot be merged into the base weights")
+
+    # -- generic behaviour -------------------------------------------------------------------
+    @property
+    def route(self) -> Route:
+        route = self._router.route
+        if route.is_mixed and self.merged:
+            raise RoutingError(
+                f"adapter(s) {self.merged} are merged into the base weights, so rows cannot pick "
+                f"adapters; call unmerge_adapter() first"
+            )
+        return route
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        return unwrap(self.base_layer).weight
+
+    # Model code sometimes reads a sub-layer's weight (T5 checks ``wo.weight.dtype``).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(unwrap(self.base_layer), "bias", None)
+
+    @property
+    def is_conv1d(self) -> bool:
+        """GPT-2's Conv1D stores its weight as (in, out): the transpose of nn.Linear's."""
+        return isinstance(unwrap(self.base_layer), Conv1D)
+
+    def load_adapter_state(self, name: str, state: dict[str, torch.Tensor], prefix: str = "") -> None:
+        """Copy ``state`` into adapter ``name``'s tensors; keys and shapes must match exactly."""
+        own = self.adapter_state(name)
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise KeyError(
+                f"adapter {name!r} at {prefix or type(self).__name__}: missing tensors {missing}, "
+                f"unexpected tensors {unexpected}"
+            )
+        for key, target in own.items():
+            src = state[key]
+            if src.shape != target.shape:
+                raise ValueError(
+                    f"tensor {prefix}{key}: file has shape {tuple(src.shape)}, "
+                    f"model expects {tuple(target.shape)} (was the adapter trained on another base model?)"
+                )
+            with torch.no_grad():
+                target.copy_(src.to(dtype=target.dtype, device=target.device))
+
+    def _check_merge_target(self) -> None:
+        if isinstance(self.base_layer, AdapterLayer):
+            raise NotImplementedError(
+                f"{type(self).__name__} is stacked on a {type(self.base_layer).__name__} on the same "
+                f"module; merging stacked methods is not supported — merge one method, or unload the other"
+            )
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """Add adapter ``name``'s ΔW to the base weight. Merging twice is a no-op."""
+        if name in self.merged or name not in self.adapter_names():
+            return
+        self._check_merge_target()
+        weight = self.base_weight
+        weight += self.delta_weight(name).to(weight.dtype)
+        self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract every merged ΔW again, last merged first."""
+        weight = self.base_weight
+        while self.merged:
+            weight -= self.delta_weight(self.merged.pop()).to(weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names()}, merged={self.merged}"
+
+
+class ModulesToSaveLayer(AdapterLayer):
+    """A full trainable copy of a small module (a classification head) per adapter.
+
+    Hugging Face PEFT's ``modules_to_save``: the copy replaces the module for rows routed to its
+    adapter. Merging swaps the copy's weights into the base module (and unmerging swaps them back),
+    so ``merge_and_unload`` keeps the trained head.
+    """
+
+    mergeable = True
+
+    def __init__(self, base_layer: nn.Module, router: Router) -> None:
+        super().__init__(base_layer, router)
+        self.copies = nn.ModuleDict()
+        self._originals: dict[str, torch.Tensor] = {}
+
+    def adapter_names(self) -> list[str]:
+        return list(self.copies.keys())
+
+    def add(self, name: str, config) -> None:
+        import copy
+
+        module = copy.deepcopy(unwrap(self.base_layer))
+        module.requires_grad_(True)
+        self.copies[name] = module
+
+    def delete(self, name: str) -> None:
+        del self.copies[name]
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return dict(self.copies[name].named_parameters())
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        route = self.route
+        if route.is_mixed:
+            out = self.base_layer(x, *args, **kwargs)
+            idx = route.index(x.device)
+            # One call per distinct adapter on its rows: heads are small and run once per forward.
+            for slot, name in enumerate(route.names):
+                rows = (idx == slot).nonzero().squeeze(1)
+                if name in self.copies and rows.numel():
+                    out = out.index_copy(0, rows, self.copies[name](x[rows], *args, **kwargs).to(out.dtype))
+            return out
+        chosen = [n for n in route.active if n in self.copies and n not in self.merged]
+        if self.merged or not chosen:
+            return self.base_layer(x, *args, **kwargs)
+        return self.copies[chosen[-1]](x, *args, **kwargs)
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        if name in self.merged or name not in self.copies:
+            return
+        if self.merged:
+            raise ValueError(f"{self.merged[0]!r}'s copy is already merged here; only one head can replace the module")
+        base = unwrap(self.base_layer)
+        for key, p in base.named_parameters():
+            self._originals[key] = p.detach().clone()
+            p.copy_(self.copies[name].get_parameter(key))
+        self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        base = unwrap(self.base_layer)
+        for key, value in self._originals.items():
+            base.get_parameter(key).copy_(value)
+        self._originals.clear()
+        self.merged.clear()

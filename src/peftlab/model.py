@@ -1,0 +1,353 @@
+"""PeftModel: a frozen ``transformers`` model plus named adapters.
+
+Methods add their layers through :meth:`PeftModel.wrap_modules`; everything else here —
+routing, state, save/load, merge — works on the :class:`~peftlab.layers.AdapterLayer` protocol
+and never names a method.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from . import formats
+from .config import AdapterConfig, ConfigError, get_method
+from .formats import hf_peft
+from .layers import AdapterLayer, ModulesToSaveLayer
+from .routing import BASE, Route, Router, RoutingError, check_adapter_name
+from .targeting import logical_modules, unwrap
+
+DEFAULT = "default"
+_WRAPPER_SEGMENT = ".base_layer"
+
+
+class PeftModel(nn.Module):
+    """Wraps a ``transformers`` model; the base weights are frozen, adapters are trainable.
+
+    ``forward``/``generate`` pass every argument through to the base model, plus
+    ``adapter_names=[...]``: one adapter name (or ``"__base__"``) per row of the batch.
+    """
+
+    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = DEFAULT) -> None:
+        super().__init__()
+        self.base_model = model
+        self.router = Router()
+        self.peft_config: dict[str, AdapterConfig] = {}
+        self._frozen_adapters: set[str] = set()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str) -> Any:
+        # Unknown attributes (config, device, get_input_embeddings, ...) come from the base model.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # -- adapters -------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
+        """Attach a new adapter. It is trainable; it becomes active only via :meth:`set_adapter`."""
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(
+                f"adapter {adapter_name!r} already exists (adapters: {sorted(self.peft_config)}); "
+                f"pick another name or delete_adapter({adapter_name!r}) first"
+            )
+        if not isinstance(config, AdapterConfig):
+            raise TypeError(f"config must be an AdapterConfig such as LoraConfig, got {type(config).__name__}")
+        get_method(config.method).attach(self, adapter_name, config)
+        self.wrap_modules(self._modules_to_save_paths(config), adapter_name, config, ModulesToSaveLayer)
+        self.peft_config[adapter_name] = config
+        self._update_trainable()
+
+    def wrap_modules(self, paths: Sequence[str], adapter_name: str, config: AdapterConfig,
+                     layer_cls: type[AdapterLayer]) -> None:
+        """Give each module at ``paths`` adapter ``adapter_name``, wrapping it in ``layer_cls`` once.
+
+        A module already wrapped by ``layer_cls`` gains one more adapter; a module wrapped by another
+        method's layer is wrapped again (layers stack, each handling its own adapters).
+        """
+        for path in paths:
+            module = self.base_model.get_submodule(path)
+            if not isinstance(module, layer_cls):
+                module = layer_cls(module, self.router)
+                self.base_model.set_submodule(path, module)
+            module.add(adapter_name, config)
+
+    def _modules_to_save_paths(self, config: AdapterConfig) -> list[str]:
+        wanted = config.effective_modules_to_save
+        if not wanted:
+            return []
+        # Like Hugging Face PEFT, names that are absent are skipped ("classifier" or "score"), but a
+        # list that matches nothing at all is a mistake worth reporting.
+        paths = [p for p, _ in logical_modules(self.base_model) if p and any(p == w or p.endswith("." + w) for w in wanted)]
+        if not paths:
+            raise ConfigError(
+                f"modules_to_save={list(wanted)} matched no module in {type(self.base_model).__name__}; "
+                f"top-level modules: {[n for n, _ in self.base_model.named_children()]}"
+            )
+        return paths
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_known([adapter_name])
+        for _, layer in self.adapter_layers(adapter_name):
+            if adapter_name in layer.merged:
+                raise RoutingError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it")
+            layer.delete(adapter_name)
+        del self.peft_config[adapter_name]
+        self._frozen_adapters.discard(adapter_name)
+        self.router.default = Route(tuple(n for n in self.router.default.active if n != adapter_name))
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Make one adapter (or several, summed) serve every forward by default."""
+        names = (adapter_name,) if isinstance(adapter_name, str) else tuple(adapter_name)
+        self._check_known(names)
+        self.router.default = Route(active=names)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.router.default.active)
+
+    @property
+    def active_adapter(self) -> str | None:
+        active = self.router.default.active
+        return active[0] if active else None
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the plain base model inside the block."""
+        merged = sorted({n for _, layer in self.adapter_layers() for n in layer.merged})
+        if merged:
+            raise RoutingError(f"adapter(s) {merged} are merged into the base weights; call unmerge_adapter() first")
+        with self.router.use(Route()):
+            yield
+
+    def _check_known(self, names: Sequence[str]) -> None:
+        for n in names:
+            if n not in self.peft_config:
+                raise RoutingError(f"unknown adapter {n!r}; adapters: {sorted(self.peft_config)}")
+
+    # -- declared state -------------------------------------------------------------------------
+    def adapter_layers(self, adapter_name: str | None = None) -> list[tuple[str, AdapterLayer]]:
+        """(logical path, layer) of every adapter layer, or of those holding ``adapter_name``."""
+        out = []
+        for path, module in self.base_model.named_modules():
+            if isinstance(module, AdapterLayer) and (adapter_name is None or adapter_name in module.adapter_names()):
+                out.append((path.replace(_WRAPPER_SEGMENT, ""), module))
+        return out
+
+    def adapter_paths(self, adapter_name: str) -> list[str]:
+        return [p for p, _ in self.adapter_layers(adapter_name)]
+
+    def adapter_state_dict(self, adapter_name: str = DEFAULT) -> dict[str, torch.Tensor]:
+        """Adapter ``adapter_name``'s tensors keyed ``<module path>.<tensor>`` (live, not copies)."""
+        self._check_known([adapter_name])
+        return {
+            f"{path}.{key}": t
+            for path, layer in self.adapter_layers(adapter_name)
+            for key, t in layer.adapter_state(adapter_name).items()
+        }
+
+    def load_adapter_state_dict(self, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
+        """Copy tensors into adapter ``adapter_name``; keys and shapes must match exactly."""
+        expected = self.adapter_state_dict(adapter_name)
+        state = self._drop_saved_base_tensors(state)
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        if missing or unexpected:
+            raise formats.AdapterLoadError(
+                f"adapter {adapter_name!r} does not fit this model: {len(missing)} tensor(s) missing "
+                f"(first: {missing[:3]}), {len(unexpected)} unexpected (first: {unexpected[:3]}); "
+                f"was it trained on a different base model or target_modules?"
+            )
+        for path, layer in self.adapter_layers(adapter_name):
+            local = {k: state[f"{path}.{k}"] for k in layer.adapter_state(adapter_name)}
+            try:
+                layer.load_adapter_state(adapter_name, local, prefix=f"{path}.")
+            except ValueError as exc:
+                raise formats.AdapterLoadError(str(exc)) from None
+
+    def _drop_saved_base_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Hugging Face PEFT saves the whole base embedding when embeddings are targeted; accept it
+        when it equals ours (the usual case) and refuse a resized or retrained one."""
+        kept = {}
+        for key, tensor in state.items():
+            if ".base_layer." not in key:
+                kept[key] = tensor
+                continue
+            try:
+                ours = self.base_model.get_parameter(key)
+            except AttributeError:
+                kept[key] = tensor  # reported as unexpected below
+                continue
+            if ours.shape != tensor.shape or not torch.allclose(ours.detach().cpu(), tensor.to(ours.dtype)):
+                raise formats.AdapterLoadError(
+                    f"the adapter file carries base weights {key} that differ from this model's "
+                    f"(resized or retrained vocabulary?); load it onto the base model it was trained with"
+                )
+        return kept
+
+    def _update_trainable(self) -> None:
+        for name in self.peft_config:
+            for t in self.adapter_state_dict(name).values():
+                t.requires_grad_(name not in self._frozen_adapters)
+
+    def trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts; shared tensors counted once."""
+        seen, trainable, total = set(), 0, 0
+        for p in self.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return trainable, total
+
+    get_nb_trainable_parameters = trainable_parameters
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- forward ----------------------------------------------------------------------------------
+    def _route_for(self, adapter_names: Sequence[str] | None, batch_size: int | None) -> Route:
+        if adapter_names is None:
+            return self.router.route  # the active adapters, or the base model inside disable_adapter()
+        if isinstance(adapter_names, str):
+            raise RoutingError("adapter_names takes one name per row, e.g. ['a', '__base__', 'b'], not a string")
+        names = tuple(adapter_names)
+        self._check_known([n for n in set(names) if n != BASE])
+        if batch_size is not None and len(names) != batch_size:
+            raise RoutingError(f"adapter_names has {len(names)} entries but the batch has {batch_size} rows")
+        return Route(per_example=names)
+
+    @staticmethod
+    def _batch_size(args: tuple, kwargs: dict) -> int | None:
+        for key in ("input_ids", "inputs_embeds", "input_features", "pixel_values"):
+            if kwargs.get(key) is not None:
+                return kwargs[key].shape[0]
+        return args[0].shape[0] if args and torch.is_tensor(args[0]) else None
+
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        with self.router.use(self._route_for(adapter_names, self._batch_size(args, kwargs))):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        if adapter_names is not None:
+            # Beam search and multiple samples repeat each row; the route must repeat with them.
+            repeat = max(kwargs.get("num_beams", 1) or 1, 1) * max(kwargs.get("num_return_sequences", 1) or 1, 1)
+            self._route_for(adapter_names, self._batch_size(args, kwargs))
+            adapter_names = [n for n in adapter_names for _ in range(repeat)]
+        with self.router.use(self._route_for(adapter_names, None)):
+            return self.base_model.generate(*args, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Checkpoint the base model's layers; the recomputed forward sees the original route."""
+        kwargs = {"use_reentrant": False, "context_fn": self.router.checkpoint_context}
+        kwargs.update(gradient_checkpointing_kwargs or {})
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    # -- merging -----------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Fold the adapters' ΔW into the base weights (default: the active adapters). Idempotent."""
+        names = list(adapter_names) if adapter_names is not None else self.active_adapters
+        self._check_known(names)
+        for name in names:
+            layers = self.adapter_layers(name)
+            not_mergeable = sorted({type(layer).__name__ for _, layer in layers if not layer.mergeable})
+            if not_mergeable:
+                method = self.peft_config[name].method
+                raise ConfigError(
+                    f"adapter {name!r} ({method}) cannot be merged: {not_mergeable} add computation the base "
+                    f"weights cannot express; keep it unmerged, or use a mergeable method such as LoRA"
+                )
+            for _, layer in layers:
+                layer.merge(name)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.adapter_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active adapters and return the plain base model (no adapter layers left)."""
+        self.merge_adapter()
+        return self.unload()
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter layer without merging; return the plain base model."""
+        for path, module in list(self.base_model.named_modules()):
+            if isinstance(module, AdapterLayer) and _WRAPPER_SEGMENT not in path:
+                self.base_model.set_submodule(path, unwrap(module))
+        self.peft_config.clear()
+        self.router.default = Route()
+        return self.base_model
+
+    # -- save / load -------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None,
+                        format: str = "peftlab") -> None:
+        """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+        ``default`` goes in ``save_directory`` itself, any other adapter in a subfolder named after
+        it (Hugging Face PEFT's layout). ``format="peft"`` writes PEFT's config instead of ours.
+        """
+        if format not in formats.FORMATS:
+            raise ValueError(f"format must be one of {formats.FORMATS}, got {format!r}")
+        names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        self._check_known(names)
+        for name in names:
+            directory = Path(save_directory) if name == DEFAULT else Path(save_directory) / name
+            config = hf_peft.config_to_hf(self, name) if format == "peft" else self.peft_config[name].to_dict()
+            formats.write_adapter(directory, config, self.adapter_state_dict(name))
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = DEFAULT,
+                        is_trainable: bool = False, allow_pickle: bool = False) -> "PeftModel":
+        """Attach the adapter saved in ``model_id`` (a directory, either format) to ``model``."""
+        config, tensors = _read(model_id, allow_pickle)
+        peft_model = cls(model, config, adapter_name)
+        try:
+            peft_model._load_tensors(adapter_name, tensors, is_trainable)
+        except BaseException:
+            peft_model.unload()  # leave the caller's model as it was
+            raise
+        return peft_model
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     allow_pickle: bool = False) -> None:
+        """Attach one more saved adapter under ``adapter_name`` (not activated)."""
+        config, tensors = _read(model_id, allow_pickle)
+        self.add_adapter(adapter_name, config)
+        try:
+            self._load_tensors(adapter_name, tensors, is_trainable)
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], is_trainable: bool) -> None:
+        self.load_adapter_state_dict(adapter_name, tensors)
+        if not is_trainable:
+            self._frozen_adapters.add(adapter_name)
+        self._update_trainable()
+
+
+def _read(model_id: str | os.PathLike, allow_pickle: bool) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    data, tensors = formats.read_adapter(model_id, allow_pickle=allow_pickle)
+    try:
+        config = hf_peft.config_from_hf(data) if hf_peft.is_hf_config(data) else AdapterConfig.from_dict(data)
+    except (ConfigError, TypeError, KeyError) as exc:
+        raise formats.AdapterLoadError(f"{model_id}/{formats.CONFIG_NAME}: {exc}") from None
+    return config, tensors
+
+
+def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = DEFAULT) -> PeftModel:
+    """Freeze ``model`` and attach one adapter made by ``config``'s method."""
+    return PeftModel(model, config, adapter_name)
