@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import shutil
-import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,15 +137,17 @@ def _save_atomically(
     trust.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    stale = None
+    # Hidden sibling names on the same filesystem, so the renames below are atomic. Made with
+    # mkdir rather than tempfile.mkdtemp, whose 0700 mode would make a shared cache unreadable.
+    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+    stale = target.with_name(f".{target.name}.stale-{uuid.uuid4().hex}")
+    staging.mkdir()
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         if target.exists():
             # An incomplete cache is in the way. Move it aside with a rename (atomic) rather than
             # deleting it in place (not atomic), and delete it once the new copy is published.
-            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
             os.replace(target, stale)
         try:
             os.replace(staging, target)
@@ -155,8 +157,7 @@ def _save_atomically(
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if stale is not None:
-            shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _smollm2_dir(cache_root: Path) -> Path:

@@ -1,0 +1,56 @@
+"""Shared pieces of the side-by-side benchmarks: child-process runs and round-robin medians.
+
+Peak RSS is a per-process high-water mark, so every measurement runs in a fresh child process;
+contenders take turns (round-robin, rotating the order) so slow drift on a noisy machine hits
+all of them alike, and the report uses medians.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+from typing import Callable
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _child(fn: Callable[..., dict], args: tuple, queue) -> None:
+    try:
+        out = fn(*args)
+        out["peak_rss_mib"] = peak_rss_mib()
+        queue.put(out)
+    except BaseException as exc:  # report, don't hang the parent
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def run_isolated(fn: Callable[..., dict], *args) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, args, queue))
+    proc.start()
+    out = queue.get()
+    proc.join()
+    if "error" in out:
+        raise RuntimeError(f"{fn.__name__}{args}: {out['error']}")
+    return out
+
+
+def round_robin(contenders: list[str], rounds: int, measure: Callable[[str], dict]) -> dict[str, list[dict]]:
+    results: dict[str, list[dict]] = {c: [] for c in contenders}
+    for r in range(rounds):
+        order = contenders[r % len(contenders):] + contenders[: r % len(contenders)]
+        for c in order:
+            out = measure(c)
+            results[c].append(out)
+            print(f"  round {r + 1}/{rounds} {c:>10}: " + json.dumps({k: round(v, 3) for k, v in out.items()}),
+                  file=sys.stderr, flush=True)
+    return results
+
+
+def median(results: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in results)
