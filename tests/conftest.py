@@ -20,8 +20,17 @@ def make_inputs(arch: str, batch: int = 3, seq: int = 7, seed: int = 0) -> dict[
     return out
 
 
-def output_of(result) -> torch.Tensor:
-    return result.logits
+def output_of(result, inputs: dict) -> torch.Tensor:
+    """Logits at the caller's own token positions.
+
+    Prompt-type adapters prepend virtual tokens and, like Hugging Face PEFT, return logits for
+    them too; the caller's tokens are always the last T positions (decoder positions for seq2seq).
+    """
+    logits = result.logits
+    if logits.dim() != 3:
+        return logits
+    T = (inputs.get("decoder_input_ids") if "decoder_input_ids" in inputs else inputs["input_ids"]).shape[1]
+    return logits[:, -T:]
 
 
 @pytest.fixture

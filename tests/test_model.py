@@ -13,8 +13,9 @@ LORA = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=Fa
 
 
 def logits(model, arch="llama", **kw):
+    inputs = make_inputs(arch)
     with torch.no_grad():
-        return output_of(model(**make_inputs(arch), **kw))
+        return output_of(model(**inputs, **kw), inputs)
 
 
 def test_base_frozen_and_trainable_report(tiny_model, capsys):

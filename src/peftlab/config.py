@@ -103,6 +103,8 @@ class HFMapping:
     peft_type: str
     to_hf: Callable[[AdapterConfig, "PeftModel", str], dict[str, Any]]
     from_hf: Callable[[dict[str, Any]], AdapterConfig]
+    key_prefix: str = "base_model.model."
+    """Prefix of module-path tensor keys in PEFT's weights file for this method."""
 
 
 @dataclass(frozen=True)

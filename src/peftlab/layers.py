@@ -75,26 +75,6 @@ class AdapterLayer(nn.Module):
         """GPT-2's Conv1D stores its weight as (in, out): the transpose of nn.Linear's."""
         return isinstance(unwrap(self.base_layer), Conv1D)
 
-    def load_adapter_state(self, name: str, state: dict[str, torch.Tensor], prefix: str = "") -> None:
-        """Copy ``state`` into adapter ``name``'s tensors; keys and shapes must match exactly."""
-        own = self.adapter_state(name)
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise KeyError(
-                f"adapter {name!r} at {prefix or type(self).__name__}: missing tensors {missing}, "
-                f"unexpected tensors {unexpected}"
-            )
-        for key, target in own.items():
-            src = state[key]
-            if src.shape != target.shape:
-                raise ValueError(
-                    f"tensor {prefix}{key}: file has shape {tuple(src.shape)}, "
-                    f"model expects {tuple(target.shape)} (was the adapter trained on another base model?)"
-                )
-            with torch.no_grad():
-                target.copy_(src.to(dtype=target.dtype, device=target.device))
-
     def _check_merge_target(self) -> None:
         if isinstance(self.base_layer, AdapterLayer):
             raise NotImplementedError(

@@ -19,8 +19,9 @@ from . import formats
 from .config import AdapterConfig, ConfigError, get_method
 from .formats import hf_peft
 from .layers import AdapterLayer, ModulesToSaveLayer
+from .prompts import PromptAdapter, prepend_prompts
 from .routing import BASE, Route, Router, RoutingError, check_adapter_name
-from .targeting import logical_modules, unwrap
+from .targeting import logical_modules, physical_path, unwrap
 
 DEFAULT = "default"
 _WRAPPER_SEGMENT = ".base_layer"
@@ -37,6 +38,7 @@ class PeftModel(nn.Module):
         super().__init__()
         self.base_model = model
         self.router = Router()
+        self.prompt_adapters = nn.ModuleDict()  # model-level adapters that prepend virtual tokens
         self.peft_config: dict[str, AdapterConfig] = {}
         self._frozen_adapters: set[str] = set()
         for p in model.parameters():
@@ -70,18 +72,24 @@ class PeftModel(nn.Module):
         self._update_trainable()
 
     def wrap_modules(self, paths: Sequence[str], adapter_name: str, config: AdapterConfig,
-                     layer_cls: type[AdapterLayer]) -> None:
+                     layer_cls: type[AdapterLayer], **layer_kwargs: Any) -> None:
         """Give each module at ``paths`` adapter ``adapter_name``, wrapping it in ``layer_cls`` once.
 
         A module already wrapped by ``layer_cls`` gains one more adapter; a module wrapped by another
         method's layer is wrapped again (layers stack, each handling its own adapters).
+        ``layer_kwargs`` go to ``layer.add`` as they are: per-path arguments the config alone cannot
+        give (a method calls this once per group of paths that share them).
         """
-        for path in paths:
+        for path in [physical_path(self.base_model, p) for p in paths]:
             module = self.base_model.get_submodule(path)
             if not isinstance(module, layer_cls):
                 module = layer_cls(module, self.router)
                 self.base_model.set_submodule(path, module)
-            module.add(adapter_name, config)
+            module.add(adapter_name, config, **layer_kwargs)
+
+    def add_prompt_adapter(self, adapter_name: str, module: PromptAdapter) -> None:
+        """Register a model-level adapter whose virtual tokens are prepended to the input."""
+        self.prompt_adapters[adapter_name] = module
 
     def _modules_to_save_paths(self, config: AdapterConfig) -> list[str]:
         wanted = config.effective_modules_to_save
@@ -103,6 +111,8 @@ class PeftModel(nn.Module):
             if adapter_name in layer.merged:
                 raise RoutingError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it")
             layer.delete(adapter_name)
+        if adapter_name in self.prompt_adapters:
+            del self.prompt_adapters[adapter_name]
         del self.peft_config[adapter_name]
         self._frozen_adapters.discard(adapter_name)
         self.router.default = Route(tuple(n for n in self.router.default.active if n != adapter_name))
@@ -151,11 +161,14 @@ class PeftModel(nn.Module):
     def adapter_state_dict(self, adapter_name: str = DEFAULT) -> dict[str, torch.Tensor]:
         """Adapter ``adapter_name``'s tensors keyed ``<module path>.<tensor>`` (live, not copies)."""
         self._check_known([adapter_name])
-        return {
+        state = {
             f"{path}.{key}": t
             for path, layer in self.adapter_layers(adapter_name)
             for key, t in layer.adapter_state(adapter_name).items()
         }
+        if adapter_name in self.prompt_adapters:
+            state.update(self.prompt_adapters[adapter_name].adapter_state())  # top-level keys
+        return state
 
     def load_adapter_state_dict(self, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
         """Copy tensors into adapter ``adapter_name``; keys and shapes must match exactly."""
@@ -169,12 +182,15 @@ class PeftModel(nn.Module):
                 f"(first: {missing[:3]}), {len(unexpected)} unexpected (first: {unexpected[:3]}); "
                 f"was it trained on a different base model or target_modules?"
             )
-        for path, layer in self.adapter_layers(adapter_name):
-            local = {k: state[f"{path}.{k}"] for k in layer.adapter_state(adapter_name)}
-            try:
-                layer.load_adapter_state(adapter_name, local, prefix=f"{path}.")
-            except ValueError as exc:
-                raise formats.AdapterLoadError(str(exc)) from None
+        for key, target in expected.items():
+            if tuple(state[key].shape) != tuple(target.shape):
+                raise formats.AdapterLoadError(
+                    f"tensor {key}: file has shape {tuple(state[key].shape)}, model expects "
+                    f"{tuple(target.shape)} (was the adapter trained on another base model?)"
+                )
+        with torch.no_grad():
+            for key, target in expected.items():
+                target.copy_(state[key].to(dtype=target.dtype, device=target.device))
 
     def _drop_saved_base_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hugging Face PEFT saves the whole base embedding when embeddings are targeted; accept it
@@ -238,8 +254,17 @@ class PeftModel(nn.Module):
         return args[0].shape[0] if args and torch.is_tensor(args[0]) else None
 
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        with self.router.use(self._route_for(adapter_names, self._batch_size(args, kwargs))):
+        with self.router.use(self._route_for(adapter_names, self._batch_size(args, kwargs))) as route:
+            if self.prompt_adapters:
+                kwargs = prepend_prompts(self.base_model, self.prompt_adapters, route, self._as_kwargs(args, kwargs))
+                args = ()
             return self.base_model(*args, **kwargs)
+
+    @staticmethod
+    def _as_kwargs(args: tuple, kwargs: dict) -> dict:
+        if len(args) > 1:
+            raise TypeError("pass inputs by keyword (input_ids=..., attention_mask=...) when prompt adapters are attached")
+        return {"input_ids": args[0], **kwargs} if args else kwargs
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         if adapter_names is not None:
@@ -247,8 +272,18 @@ class PeftModel(nn.Module):
             repeat = max(kwargs.get("num_beams", 1) or 1, 1) * max(kwargs.get("num_return_sequences", 1) or 1, 1)
             self._route_for(adapter_names, self._batch_size(args, kwargs))
             adapter_names = [n for n in adapter_names for _ in range(repeat)]
-        with self.router.use(self._route_for(adapter_names, None)):
-            return self.base_model.generate(*args, **kwargs)
+        with self.router.use(self._route_for(adapter_names, None)) as route:
+            if not self.prompt_adapters:
+                return self.base_model.generate(*args, **kwargs)
+            kwargs = self._as_kwargs(args, kwargs)
+            ids = kwargs.get("input_ids")
+            prepared = prepend_prompts(self.base_model, self.prompt_adapters, route, kwargs, for_generate=True)
+            out = self.base_model.generate(**prepared)
+            if prepared is kwargs or ids is None or getattr(self.base_model.config, "is_encoder_decoder", False):
+                return out
+            # Given only embeddings, decoder-only generate returns just the new tokens; put the
+            # prompt's ids back in front so the output looks the same with or without prompts.
+            return torch.cat([ids, out], dim=1)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Checkpoint the base model's layers; the recomputed forward sees the original route."""
@@ -264,6 +299,8 @@ class PeftModel(nn.Module):
         for name in names:
             layers = self.adapter_layers(name)
             not_mergeable = sorted({type(layer).__name__ for _, layer in layers if not layer.mergeable})
+            if name in self.prompt_adapters:
+                not_mergeable.append(type(self.prompt_adapters[name]).__name__)
             if not_mergeable:
                 method = self.peft_config[name].method
                 raise ConfigError(
@@ -284,9 +321,12 @@ class PeftModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Remove every adapter layer without merging; return the plain base model."""
-        for path, module in list(self.base_model.named_modules()):
-            if isinstance(module, AdapterLayer) and _WRAPPER_SEGMENT not in path:
+        # Deepest first, so a wrapper nested inside a wrapped block is still reachable; the inner
+        # layers of a stack (paths ending in .base_layer) go with their outermost wrapper.
+        for path, module in reversed(list(self.base_model.named_modules())):
+            if isinstance(module, AdapterLayer) and not path.endswith(_WRAPPER_SEGMENT):
                 self.base_model.set_submodule(path, unwrap(module))
+        self.prompt_adapters.clear()
         self.peft_config.clear()
         self.router.default = Route()
         return self.base_model
@@ -306,7 +346,9 @@ class PeftModel(nn.Module):
         for name in names:
             directory = Path(save_directory) if name == DEFAULT else Path(save_directory) / name
             config = hf_peft.config_to_hf(self, name) if format == "peft" else self.peft_config[name].to_dict()
-            formats.write_adapter(directory, config, self.adapter_state_dict(name))
+            hf = get_method(self.peft_config[name].method).hf
+            formats.write_adapter(directory, config, self.adapter_state_dict(name),
+                                  key_prefix=hf.key_prefix if hf else formats.KEY_PREFIX)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = DEFAULT,

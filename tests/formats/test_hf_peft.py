@@ -16,8 +16,9 @@ TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ
 
 
 def logits(model, arch):
+    inputs = make_inputs(arch)
     with torch.no_grad():
-        return output_of(model(**make_inputs(arch)))
+        return output_of(model(**inputs), inputs)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -27,6 +27,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
+KEY_PREFIXES = (KEY_PREFIX, "base_model.")  # longest first: both are stripped on read
 FORMATS = ("peftlab", "peft")
 
 
@@ -48,11 +49,12 @@ def atomic_write(path: Path, write) -> None:
 
 
 def write_adapter(directory: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor],
-                  metadata: dict[str, str] | None = None) -> None:
+                  metadata: dict[str, str] | None = None, key_prefix: str = KEY_PREFIX) -> None:
     """Write one adapter directory: weights first, config last (the config marks it complete)."""
     directory = Path(directory)
     # safetensors refuses shared or non-contiguous storage; adapters are small, copies are cheap.
-    flat = {KEY_PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    # Module tensors ("<path>.<tensor>") get PEFT's prefix; model-level ones ("prompt_embeddings") don't.
+    flat = {(key_prefix + k if "." in k else k): v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(flat, str(p), metadata=metadata or {"format": "pt"}))
     atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
 
@@ -89,4 +91,7 @@ def read_adapter(directory: str | os.PathLike, *, allow_pickle: bool = False) ->
 
 
 def _strip_prefix(key: str) -> str:
-    return key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
+    for prefix in KEY_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
