@@ -169,3 +169,37 @@ class ModulesToSaveLayer(AdapterLayer):
             base.get_parameter(key).copy_(value)
         self._originals.clear()
         self.merged.clear()
+
+
+class ModelAdapter(nn.Module):
+    """A model-level adapter (one module per adapter, held by ``PeftModel.model_adapters``).
+
+    Like layers, it declares its tensors (:meth:`adapter_state`: what trains). What is *saved* may
+    differ — prefix tuning trains an MLP but saves only its output — so saving goes through
+    :meth:`state_to_save` and loading through :meth:`load_saved_state`.
+    """
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors, by top-level key."""
+        raise NotImplementedError
+
+    def state_to_save(self) -> dict[str, torch.Tensor]:
+        return self.adapter_state()
+
+    def load_saved_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take tensors written by :meth:`state_to_save`; keys and shapes must match."""
+        own = self.adapter_state()
+        if set(own) != set(state):
+            raise KeyError(f"{type(self).__name__} expects tensors {sorted(own)}, the file has {sorted(state)}")
+        for key, target in own.items():
+            if tuple(state[key].shape) != tuple(target.shape):
+                raise ValueError(f"tensor {key}: file has shape {tuple(state[key].shape)}, "
+                                 f"model expects {tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(state[key].to(dtype=target.dtype, device=target.device))
+
+    def prepare_load(self, keys: set[str], trainable: bool) -> None:
+        """Called before a saved file's tensors are loaded, with the file's keys and whether it is
+        loaded to keep training. An adapter whose files come in more than one layout (P-tuning:
+        encoder and output, or the output alone as Hugging Face PEFT saves it) settles on the
+        file's layout here, or raises if that layout cannot do what was asked. Default: nothing."""

@@ -19,7 +19,8 @@ from . import formats
 from .config import AdapterConfig, ConfigError, get_method
 from .formats import hf_peft
 from .layers import AdapterLayer, ModulesToSaveLayer
-from .prompts import PromptAdapter, prepend_prompts
+from . import attention
+from .prompts import prepend_prompts
 from .routing import BASE, Route, Router, RoutingError, check_adapter_name
 from .targeting import logical_modules, physical_path, unwrap
 
@@ -38,7 +39,9 @@ class PeftModel(nn.Module):
         super().__init__()
         self.base_model = model
         self.router = Router()
-        self.prompt_adapters = nn.ModuleDict()  # model-level adapters that prepend virtual tokens
+        # Model-level adapters (one module per adapter): virtual tokens (prompts.PromptAdapter) or
+        # per-layer keys/values and gated attention (attention.AttentionAdapter).
+        self.model_adapters = nn.ModuleDict()
         self.peft_config: dict[str, AdapterConfig] = {}
         self._frozen_adapters: set[str] = set()
         for p in model.parameters():
@@ -87,9 +90,11 @@ class PeftModel(nn.Module):
                 self.base_model.set_submodule(path, module)
             module.add(adapter_name, config, **layer_kwargs)
 
-    def add_prompt_adapter(self, adapter_name: str, module: PromptAdapter) -> None:
-        """Register a model-level adapter whose virtual tokens are prepended to the input."""
-        self.prompt_adapters[adapter_name] = module
+    def add_model_adapter(self, adapter_name: str, module: nn.Module) -> None:
+        """Register a model-level adapter: a ``PromptAdapter`` or an ``AttentionAdapter``."""
+        if isinstance(module, attention.AttentionAdapter):
+            attention.install(self.base_model, self.router, self.model_adapters)
+        self.model_adapters[adapter_name] = module
 
     def _modules_to_save_paths(self, config: AdapterConfig) -> list[str]:
         wanted = config.effective_modules_to_save
@@ -111,8 +116,8 @@ class PeftModel(nn.Module):
             if adapter_name in layer.merged:
                 raise RoutingError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it")
             layer.delete(adapter_name)
-        if adapter_name in self.prompt_adapters:
-            del self.prompt_adapters[adapter_name]
+        if adapter_name in self.model_adapters:
+            del self.model_adapters[adapter_name]
         del self.peft_config[adapter_name]
         self._frozen_adapters.discard(adapter_name)
         self.router.default = Route(tuple(n for n in self.router.default.active if n != adapter_name))
@@ -158,21 +163,23 @@ class PeftModel(nn.Module):
     def adapter_paths(self, adapter_name: str) -> list[str]:
         return [p for p, _ in self.adapter_layers(adapter_name)]
 
-    def adapter_state_dict(self, adapter_name: str = DEFAULT) -> dict[str, torch.Tensor]:
-        """Adapter ``adapter_name``'s tensors keyed ``<module path>.<tensor>`` (live, not copies)."""
+    def adapter_state_dict(self, adapter_name: str = DEFAULT, *, to_save: bool = False) -> dict[str, torch.Tensor]:
+        """Adapter ``adapter_name``'s trainable tensors keyed ``<module path>.<tensor>`` (live, not
+        copies); with ``to_save``, what its files hold instead (model-level adapters may differ)."""
         self._check_known([adapter_name])
         state = {
             f"{path}.{key}": t
             for path, layer in self.adapter_layers(adapter_name)
             for key, t in layer.adapter_state(adapter_name).items()
         }
-        if adapter_name in self.prompt_adapters:
-            state.update(self.prompt_adapters[adapter_name].adapter_state())  # top-level keys
+        if adapter_name in self.model_adapters:  # top-level keys
+            module = self.model_adapters[adapter_name]
+            state.update(module.state_to_save() if to_save else module.adapter_state())
         return state
 
     def load_adapter_state_dict(self, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
         """Copy tensors into adapter ``adapter_name``; keys and shapes must match exactly."""
-        expected = self.adapter_state_dict(adapter_name)
+        expected = self.adapter_state_dict(adapter_name, to_save=True)
         state = self._drop_saved_base_tensors(state)
         missing = [k for k in expected if k not in state]
         unexpected = [k for k in state if k not in expected]
@@ -188,9 +195,13 @@ class PeftModel(nn.Module):
                     f"tensor {key}: file has shape {tuple(state[key].shape)}, model expects "
                     f"{tuple(target.shape)} (was the adapter trained on another base model?)"
                 )
+        top_level = {k for k in expected if "." not in k}
         with torch.no_grad():
             for key, target in expected.items():
-                target.copy_(state[key].to(dtype=target.dtype, device=target.device))
+                if key not in top_level:
+                    target.copy_(state[key].to(dtype=target.dtype, device=target.device))
+        if top_level:
+            self.model_adapters[adapter_name].load_saved_state({k: state[k] for k in top_level})
 
     def _drop_saved_base_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hugging Face PEFT saves the whole base embedding when embeddings are targeted; accept it
@@ -255,8 +266,8 @@ class PeftModel(nn.Module):
 
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         with self.router.use(self._route_for(adapter_names, self._batch_size(args, kwargs))) as route:
-            if self.prompt_adapters:
-                kwargs = prepend_prompts(self.base_model, self.prompt_adapters, route, self._as_kwargs(args, kwargs))
+            if self.model_adapters:
+                kwargs = prepend_prompts(self.base_model, self.model_adapters, route, self._as_kwargs(args, kwargs))
                 args = ()
             return self.base_model(*args, **kwargs)
 
@@ -273,13 +284,13 @@ class PeftModel(nn.Module):
             self._route_for(adapter_names, self._batch_size(args, kwargs))
             adapter_names = [n for n in adapter_names for _ in range(repeat)]
         with self.router.use(self._route_for(adapter_names, None)) as route:
-            if not self.prompt_adapters:
+            if not self.model_adapters:
                 return self.base_model.generate(*args, **kwargs)
             kwargs = self._as_kwargs(args, kwargs)
             ids = kwargs.get("input_ids")
-            prepared = prepend_prompts(self.base_model, self.prompt_adapters, route, kwargs, for_generate=True)
+            prepared = prepend_prompts(self.base_model, self.model_adapters, route, kwargs, for_generate=True)
             out = self.base_model.generate(**prepared)
-            if prepared is kwargs or ids is None or getattr(self.base_model.config, "is_encoder_decoder", False):
+            if "input_ids" in prepared or ids is None or getattr(self.base_model.config, "is_encoder_decoder", False):
                 return out
             # Given only embeddings, decoder-only generate returns just the new tokens; put the
             # prompt's ids back in front so the output looks the same with or without prompts.
@@ -299,8 +310,8 @@ class PeftModel(nn.Module):
         for name in names:
             layers = self.adapter_layers(name)
             not_mergeable = sorted({type(layer).__name__ for _, layer in layers if not layer.mergeable})
-            if name in self.prompt_adapters:
-                not_mergeable.append(type(self.prompt_adapters[name]).__name__)
+            if name in self.model_adapters:
+                not_mergeable.append(type(self.model_adapters[name]).__name__)
             if not_mergeable:
                 method = self.peft_config[name].method
                 raise ConfigError(
@@ -326,7 +337,8 @@ class PeftModel(nn.Module):
         for path, module in reversed(list(self.base_model.named_modules())):
             if isinstance(module, AdapterLayer) and not path.endswith(_WRAPPER_SEGMENT):
                 self.base_model.set_submodule(path, unwrap(module))
-        self.prompt_adapters.clear()
+        self.model_adapters.clear()
+        attention.uninstall(self.base_model)
         self.peft_config.clear()
         self.router.default = Route()
         return self.base_model
@@ -347,7 +359,7 @@ class PeftModel(nn.Module):
             directory = Path(save_directory) if name == DEFAULT else Path(save_directory) / name
             config = hf_peft.config_to_hf(self, name) if format == "peft" else self.peft_config[name].to_dict()
             hf = get_method(self.peft_config[name].method).hf
-            formats.write_adapter(directory, config, self.adapter_state_dict(name),
+            formats.write_adapter(directory, config, self.adapter_state_dict(name, to_save=True),
                                   key_prefix=hf.key_prefix if hf else formats.KEY_PREFIX)
 
     @classmethod
@@ -375,6 +387,8 @@ class PeftModel(nn.Module):
             raise
 
     def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], is_trainable: bool) -> None:
+        if adapter_name in self.model_adapters:
+            self.model_adapters[adapter_name].prepare_load(set(tensors), is_trainable)
         self.load_adapter_state_dict(adapter_name, tensors)
         if not is_trainable:
             self._frozen_adapters.add(adapter_name)

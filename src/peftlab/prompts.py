@@ -21,6 +21,7 @@ import inspect
 import torch
 import torch.nn as nn
 
+from .layers import ModelAdapter
 from .routing import Route
 
 IGNORE = -100
@@ -29,7 +30,7 @@ PROMPT_KEY_PREFIX = "base_model."
 ``modules_to_save``) as ``base_model.<path>``: there is no tuner wrapper, hence no ``.model``."""
 
 
-class PromptAdapter(nn.Module):
+class PromptAdapter(ModelAdapter):
     """One adapter's virtual tokens. Subclasses set the sizes and implement :meth:`prompt`."""
 
     num_virtual_tokens: int
@@ -42,13 +43,10 @@ class PromptAdapter(nn.Module):
         """Virtual token embeddings, shape (batch_size, num_virtual_tokens * num_submodules, dim)."""
         raise NotImplementedError
 
-    def adapter_state(self) -> dict[str, torch.Tensor]:
-        """Tensors to save, by top-level key (e.g. ``prompt_embeddings``)."""
-        raise NotImplementedError
 
-
-def _rows_by_adapter(route: Route, prompt_adapters: nn.ModuleDict, batch: int) -> dict[str, torch.Tensor | None]:
+def _rows_by_adapter(route: Route, model_adapters: nn.ModuleDict, batch: int) -> dict[str, torch.Tensor | None]:
     """Which rows each prompt adapter serves (None = every row)."""
+    prompt_adapters = {n for n, m in model_adapters.items() if isinstance(m, PromptAdapter)}
     if not route.is_mixed:
         names = [n for n in route.active if n in prompt_adapters]
         if len(names) > 1:
@@ -89,15 +87,18 @@ def _place(values: torch.Tensor, text_cols: torch.Tensor, width: int, fill) -> t
     return values.new_full((values.shape[0], width), fill).scatter(1, text_cols, values)
 
 
-def prepend_prompts(model: nn.Module, prompt_adapters: nn.ModuleDict, route: Route, kwargs: dict,
+def prepend_prompts(model: nn.Module, model_adapters: nn.ModuleDict, route: Route, kwargs: dict,
                     *, for_generate: bool = False) -> dict:
     """Return forward kwargs with each row's virtual tokens in front; unchanged if none apply."""
     ids = kwargs.get("input_ids")
     embeds = kwargs.get("inputs_embeds")
     batch = (ids if ids is not None else embeds).shape[0]
-    serving = _rows_by_adapter(route, prompt_adapters, batch)
+    serving = _rows_by_adapter(route, model_adapters, batch)
+    # Per-row inputs for prompt adapters (``task_ids``) are never the base model's, even for rows
+    # (or whole forwards, as in ``disable_adapter()``) that no such adapter serves.
+    extra_keys = {k for m in model_adapters.values() if isinstance(m, PromptAdapter) for k in m.extra_inputs}
     if not serving:
-        return kwargs
+        return {k: v for k, v in kwargs.items() if k not in extra_keys} if extra_keys & kwargs.keys() else kwargs
 
     kwargs = dict(kwargs)
     word_embeddings = model.get_input_embeddings()
@@ -108,18 +109,18 @@ def prepend_prompts(model: nn.Module, prompt_adapters: nn.ModuleDict, route: Rou
 
     enc_parts, dec_parts = [], []
     for name, rows in serving.items():
-        adapter = prompt_adapters[name]
+        adapter = model_adapters[name]
         n_rows = batch if rows is None else rows.numel()
-        extra = {k: (kwargs[k] if rows is None else kwargs[k][rows]) for k in adapter.extra_inputs if k in kwargs}
-        missing = [k for k in adapter.extra_inputs if k not in kwargs]
+        missing = [k for k in adapter.extra_inputs if kwargs.get(k) is None]
         if missing:
             raise ValueError(f"adapter {name!r} needs {missing} in the forward call (one per row)")
+        extra = {k: (kwargs[k] if rows is None else kwargs[k][rows]) for k in adapter.extra_inputs}
         p = adapter.prompt(n_rows, **extra)  # (rows, n * submodules, dim)
         n = adapter.num_virtual_tokens
         enc_parts.append((rows, p[:, :n]))
         if adapter.num_submodules == 2:
             dec_parts.append((rows, p[:, n:]))
-    for k in {k for name in serving for k in prompt_adapters[name].extra_inputs}:
+    for k in extra_keys:
         kwargs.pop(k, None)
 
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))

@@ -90,6 +90,19 @@ def logical_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     yield from walk("", model)
 
 
+def physical_path(model: nn.Module, path: str) -> str:
+    """Where the module at logical ``path`` lives now: ``.base_layer`` inserted under each adapter
+    wrapper on the way (a norm inside a wrapped FFN block sits one level deeper than its path)."""
+    module, parts = model, []
+    for name in path.split(".") if path else []:
+        while hasattr(module, "base_layer") and isinstance(module.base_layer, nn.Module) and name not in module._modules:
+            module = module.base_layer
+            parts.append("base_layer")
+        module = module.get_submodule(name)
+        parts.append(name)
+    return ".".join(parts)
+
+
 def layer_index(path: str, layers_pattern: str | None = None) -> int | None:
     """Index of the transformer layer a module path lies in, or None."""
     if layers_pattern:

@@ -95,7 +95,7 @@ def num_submodules(model: nn.Module) -> int:
 
 def attach(model, name: str, config: PromptTuningConfig) -> None:
     base = model.base_model
-    model.add_prompt_adapter(name, PromptEmbedding(config, base.get_input_embeddings(), num_submodules(base)))
+    model.add_model_adapter(name, PromptEmbedding(config, base.get_input_embeddings(), num_submodules(base)))
 
 
 _INIT_TO_HF = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
