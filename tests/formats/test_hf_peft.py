@@ -66,6 +66,13 @@ def test_hf_config_roundtrip_fields(tiny_model, tmp_path):
     assert back.peft_config["default"].lora_dropout == 0.1
 
 
+def test_all_linear_export_lists_adapted_layers_not_heads(tiny_model, tmp_path):
+    ours = get_peft_model(tiny_model("bert"), LoraConfig(target_modules="all-linear", task_type="SEQ_CLS"))
+    ours.save_pretrained(tmp_path, format="peft")
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert "classifier" not in data["target_modules"] and {"query", "key", "value", "dense"} <= set(data["target_modules"])
+
+
 def test_unsupported_peft_option_is_refused(tiny_model, tmp_path):
     theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     theirs.save_pretrained(tmp_path)

@@ -214,7 +214,8 @@ def _to_hf(config: LoraConfig, model, name: str) -> dict[str, Any]:
     if target == ALL_LINEAR or target is None:
         # Write what was hit, as leaf names: Hugging Face PEFT's "all-linear" rule differs for
         # some heads, and an explicit list means the same thing in both libraries.
-        target = sorted({p.rsplit(".", 1)[-1] for p in model.adapter_paths(name)})
+        paths = [p for p, layer in model.adapter_layers(name) if isinstance(layer, LoraLayer)]  # not the heads
+        target = sorted({p.rsplit(".", 1)[-1] for p in paths})
     return {
         "peft_type": "LORA",
         "task_type": config.task_type,

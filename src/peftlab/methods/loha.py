@@ -1,0 +1,286 @@
+"""LoHa: low-rank Hadamard product, from FedPara (Hyeon-Woo et al. 2022, https://arxiv.org/abs/2108.06098).
+
+For a frozen weight W (d_out × d_in) the update is the element-wise product of two rank-r matrices
+
+    ΔW = (W1a W1b) ⊙ (W2a W2b) · alpha / r,     W1a, W2a: (d_out, r),  W1b, W2b: (r, d_in)
+
+which has 2·r·(d_in + d_out) parameters, like LoRA of rank 2r, but rank up to r² instead of 2r.
+At init W2b is zero (the others kaiming-uniform, as Hugging Face PEFT does), so ΔW = 0.
+
+Two ways to apply it, picked per forward by a FLOP estimate (:func:`choose_forward_mode`):
+
+* "materialize": build ΔW (d_out × d_in), then x ΔWᵀ — what Hugging Face PEFT always does;
+* "factored": the face-splitting identity (W1a W1b) ⊙ (W2a W2b) = (W1a ⊙r W2a)(W1b ⊙c W2b), with
+  ⊙r the row-wise Kronecker product ((d_out, r), (d_out, r) → (d_out, r²)) and ⊙c the column-wise
+  one ((r, d_in), (r, d_in) → (r², d_in)), so ΔW x = U (V x) and no d_out × d_in matrix exists.
+  It is cheaper when r² is small next to the layer's widths and the batch holds many tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import AdapterConfig, ConfigError, HFMapping, register
+from ..layers import AdapterLayer
+from ..routing import Route
+from ..targeting import ALL_LINEAR, LINEAR_TYPES, TargetFields, find_targets, unwrap
+
+FORWARD_MODES = ("auto", "materialize", "factored")
+_FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
+@dataclass(frozen=True)
+class LoHaConfig(TargetFields, AdapterConfig):
+    """Configuration of a LoHa adapter."""
+
+    method = "loha"
+
+    r: int = 8
+    """Rank of each of the two factors W1a W1b and W2a W2b; ΔW has rank up to r²."""
+    alpha: float = 8
+    """Scale numerator: ΔW is multiplied by alpha / r."""
+    init_weights: bool = True
+    """True: W1a, W1b, W2a kaiming-uniform and W2b zero, so ΔW = 0 at start. False: W2b random
+    too (the adapter changes the output from the start — for tests)."""
+    forward_mode: str = "auto"
+    """How ΔW x is computed: "materialize" (build ΔW), "factored" (Khatri–Rao factors, no
+    d_out × d_in matrix) or "auto" (the cheaper by a FLOP estimate, per layer and batch)."""
+
+    def validate(self) -> None:
+        self.validate_targets()
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"LoHaConfig.r must be a positive int, got {self.r!r}")
+        if not self.alpha > 0:
+            raise ConfigError(f"LoHaConfig.alpha must be > 0, got {self.alpha!r}")
+        if not isinstance(self.init_weights, bool):
+            raise ConfigError(f"LoHaConfig.init_weights must be True or False, got {self.init_weights!r}")
+        if self.forward_mode not in FORWARD_MODES:
+            raise ConfigError(f"LoHaConfig.forward_mode must be one of {FORWARD_MODES}, got {self.forward_mode!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+def row_khatri_rao(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Face-splitting product: (d, p), (d, q) → (d, p·q), row i = kron(a[i], b[i])."""
+    return (a.unsqueeze(-1) * b.unsqueeze(-2)).flatten(-2)
+
+
+def col_khatri_rao(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Khatri–Rao product: (p, d), (q, d) → (p·q, d), column j = kron(a[:, j], b[:, j])."""
+    return (a.unsqueeze(-2) * b.unsqueeze(-3)).flatten(-3, -2)
+
+
+def choose_forward_mode(d_in: int, d_out: int, r: int, tokens: int, n_adapters: int = 1) -> str:
+    """The cheaper of "materialize" and "factored" for ``tokens`` rows of input, by FLOPs.
+
+    materialize: n·(4r + 2)·d_out·d_in to build each ΔW (two rank-r products, their Hadamard
+    product, the scale), then 2·tokens·d_in·d_out to apply it.
+    factored:    n·r²·(d_out + d_in) to build each U and V, then 2·tokens·r²·(d_in + d_out).
+    With many tokens the apply terms dominate and factored wins when r²·(d_in + d_out) < d_in·d_out
+    (about r² < min(d_in, d_out) / 2 for square layers); with few tokens (decoding) it nearly always
+    wins, because materialising ΔW alone costs ~4r·d_in·d_out.
+    """
+    materialize = n_adapters * (4 * r + 2) * d_out * d_in + 2 * tokens * d_in * d_out
+    factored = n_adapters * r * r * (d_out + d_in) + 2 * tokens * r * r * (d_in + d_out)
+    return "factored" if factored < materialize else "materialize"
+
+
+class LoHaLayer(AdapterLayer):
+    """LoHa on one ``nn.Linear`` or GPT-2 ``Conv1D``.
+
+    Per adapter: ``hada_w1_a``/``hada_w2_a`` (d_out, r) and ``hada_w1_b``/``hada_w2_b`` (r, d_in),
+    in the logical (out, in) orientation even for Conv1D, as Hugging Face PEFT stores them.
+    """
+
+    mergeable = True
+
+    def __init__(self, base_layer: nn.Module, router) -> None:
+        super().__init__(base_layer, router)
+        base = unwrap(base_layer)
+        if self.is_conv1d:
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
+        self.hada_w1_a = nn.ParameterDict()
+        self.hada_w1_b = nn.ParameterDict()
+        self.hada_w2_a = nn.ParameterDict()
+        self.hada_w2_b = nn.ParameterDict()
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.forward_mode: dict[str, str] = {}
+
+    def adapter_names(self) -> list[str]:
+        return list(self.hada_w1_a.keys())
+
+    def add(self, name: str, config: LoHaConfig) -> None:
+        weight = self.base_weight
+        r, d_in, d_out = config.r, self.in_features, self.out_features
+        for key, shape in zip(_FACTORS, ((d_out, r), (r, d_in), (d_out, r), (r, d_in))):
+            t = torch.empty(shape, dtype=weight.dtype, device=weight.device)
+            # FedPara's He init; one zero factor (W2b) is enough to make ΔW = 0.
+            if key == "hada_w2_b" and config.init_weights:
+                nn.init.zeros_(t)
+            else:
+                nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+            getattr(self, key)[name] = nn.Parameter(t)
+        self.r[name] = r
+        self.scaling[name] = config.scaling
+        self.forward_mode[name] = config.forward_mode
+
+    def delete(self, name: str) -> None:
+        for key in _FACTORS:
+            del getattr(self, key)[name]
+        del self.r[name], self.scaling[name], self.forward_mode[name]
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return {key: getattr(self, key)[name] for key in _FACTORS}
+
+    def delta(self, name: str) -> torch.Tensor:
+        """ΔW = (W1a W1b) ⊙ (W2a W2b) · alpha/r, (d_out, d_in)."""
+        w1a, w1b, w2a, w2b = (getattr(self, key)[name] for key in _FACTORS)
+        return ((w1a @ w1b) * (w2a @ w2b)) * self.scaling[name]
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """U = (W1a ⊙r W2a)·alpha/r: (d_out, r²) and V = W1b ⊙c W2b: (r², d_in), with U V = ΔW."""
+        w1a, w1b, w2a, w2b = (getattr(self, key)[name] for key in _FACTORS)
+        return row_khatri_rao(w1a, w2a) * self.scaling[name], col_khatri_rao(w1b, w2b)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        delta = self.delta(name)
+        return delta.T if self.is_conv1d else delta  # Conv1D stores (in, out)
+
+    def mode_for(self, names: list[str], tokens: int) -> str:
+        """The forward mode for ``names`` on this layer: the one they force, else the FLOP pick."""
+        forced = {self.forward_mode[n] for n in names} - {"auto"}
+        if len(forced) == 1:
+            return forced.pop()
+        r = max(self.r[n] for n in names)
+        return choose_forward_mode(self.in_features, self.out_features, r, tokens, len(names))
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        route = self.route
+        if route.is_mixed:
+            delta = self._mixed_delta(x, route)
+            return result if delta is None else result + delta.to(result.dtype)
+        for name in route.active:
+            if name in self.hada_w1_a and name not in self.merged:
+                result = result + self._delta_out(x, name).to(result.dtype)
+        return result
+
+    def _delta_out(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """ΔW x for one adapter on every row, (..., d_out)."""
+        x = x.to(self.hada_w1_a[name].dtype)
+        if self.mode_for([name], x.numel() // self.in_features) == "factored":
+            U, V = self.factors(name)
+            return (x @ V.T) @ U.T  # (..., r²) then (..., d_out)
+        return F.linear(x, self.delta(name))
+
+    def _mixed_delta(self, x: torch.Tensor, route: Route) -> torch.Tensor | None:
+        """Each row with its own adapter: stack per-adapter tensors once, gather per row, ``bmm``.
+
+        Factored: U and V zero-padded to the largest r² and stacked, (n+1, d_out, R) and
+        (n+1, R, d_in); materialised: ΔW stacked, (n+1, d_out, d_in). Rows whose adapter is not on
+        this layer, and ``__base__`` rows, get the zero slot.
+        """
+        mine = [n for n in route.names if n in self.hada_w1_a]
+        if not mine:
+            return None
+        idx = route.index(x.device)  # (B,)
+        ref = self.hada_w1_a[mine[0]]
+        x = x.to(ref.dtype)
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, d_in); T = 1 for (B, d_in) inputs
+        if self.mode_for(mine, x.numel() // self.in_features) == "factored":
+            R = max(self.r[n] ** 2 for n in mine)
+            zero_u, zero_v = ref.new_zeros(self.out_features, R), ref.new_zeros(R, self.in_features)
+            us, vs = [], []
+            for n in route.names:
+                if n in self.hada_w1_a:
+                    U, V = self.factors(n)
+                    us.append(F.pad(U, (0, R - U.shape[1])))  # zero columns of U add nothing
+                    vs.append(F.pad(V, (0, 0, 0, R - V.shape[0])))
+                else:
+                    us.append(zero_u)
+                    vs.append(zero_v)
+            U_all = torch.stack(us + [zero_u])  # (n+1, d_out, R); the last slot is __base__
+            V_all = torch.stack(vs + [zero_v])  # (n+1, R, d_in)
+            h = torch.bmm(x3, V_all[idx].transpose(1, 2))  # (B, T, R)
+            out = torch.bmm(h, U_all[idx].transpose(1, 2))  # (B, T, d_out)
+        else:
+            zero = ref.new_zeros(self.out_features, self.in_features)
+            D_all = torch.stack([self.delta(n) if n in self.hada_w1_a else zero for n in route.names] + [zero])
+            out = torch.bmm(x3, D_all[idx].transpose(1, 2))  # (B, T, d_out)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def attach(model, name: str, config: LoHaConfig) -> None:
+    paths = find_targets(model.base_model, config, types=LINEAR_TYPES)
+    model.wrap_modules(paths, name, config, LoHaLayer)
+
+
+def _to_hf(config: LoHaConfig, model, name: str) -> dict[str, Any]:
+    layers = [(p, layer) for p, layer in model.adapter_layers(name) if isinstance(layer, LoHaLayer)]
+    conv1d = [p for p, layer in layers if layer.is_conv1d]
+    if conv1d:
+        raise ConfigError(
+            f"Hugging Face PEFT's LoHa supports nn.Linear but not GPT-2's Conv1D, and adapter {name!r} "
+            f"targets {conv1d[:3]}{' ...' if len(conv1d) > 3 else ''}; save it with format='peftlab'"
+        )
+    target = config.target_modules
+    if target == ALL_LINEAR or target is None:
+        # Write what was hit, as leaf names: PEFT's "all-linear" rule differs for some heads.
+        target = sorted({p.rsplit(".", 1)[-1] for p, _ in layers})
+    return {
+        "peft_type": "LOHA",
+        "task_type": config.task_type,
+        "r": config.r,
+        "alpha": config.alpha,
+        "rank_dropout": 0.0,
+        "module_dropout": 0.0,
+        "use_effective_conv2d": False,
+        "init_weights": config.init_weights,
+        "target_modules": target if isinstance(target, str) else list(target),
+        "exclude_modules": list(config.exclude_modules) if isinstance(config.exclude_modules, tuple)
+        else config.exclude_modules,
+        "layers_to_transform": list(config.layers_to_transform) if config.layers_to_transform else None,
+        "layers_pattern": config.layers_pattern,
+        "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+    }
+
+
+def _from_hf(d: dict[str, Any]) -> LoHaConfig:
+    for key in ("rank_pattern", "alpha_pattern"):
+        if d.get(key):
+            raise ConfigError(f"Hugging Face PEFT LoHa option {key}={d[key]!r} is not supported by peftlab yet")
+    dropouts = {k: d[k] for k in ("rank_dropout", "module_dropout") if d.get(k)}
+    if dropouts:
+        # Training-time only: inference is identical without them, so the adapter still loads.
+        warnings.warn(f"peftlab's LoHa has no {sorted(dropouts)}; ignoring {dropouts} (they only act in training)")
+    layers = d.get("layers_to_transform")
+    return LoHaConfig(
+        task_type=d.get("task_type"),
+        r=d.get("r", 8),
+        alpha=d.get("alpha", 8),
+        init_weights=d.get("init_weights", True),
+        target_modules=d.get("target_modules"),
+        exclude_modules=d.get("exclude_modules"),
+        layers_to_transform=[layers] if isinstance(layers, int) else layers,
+        layers_pattern=d.get("layers_pattern") or None,
+        modules_to_save=d.get("modules_to_save"),
+    )
+
+
+register("loha", LoHaConfig, attach, hf=HFMapping("LOHA", _to_hf, _from_hf))
