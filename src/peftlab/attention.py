@@ -99,6 +99,8 @@ def install(model: nn.Module, router: Router, adapters: nn.ModuleDict) -> None:
                          f"attention-based adapters need a model that uses transformers' attention interface")
     for _, module, stack in sites:
         module._peftlab_site = Site(module.layer_idx, stack, owner)
+        # Seq2seq stacks read their own copy of the config (T5 deep-copies it per stack).
+        module.config._attn_implementation = f"peftlab_{original}"
     model.config._attn_implementation = f"peftlab_{original}"
     model.register_forward_pre_hook(_shift_positions(owner), with_kwargs=True)
 
@@ -107,7 +109,7 @@ def uninstall(model: nn.Module) -> None:
     for m in model.modules():
         site = m.__dict__.pop("_peftlab_site", None)
         if site is not None:
-            model.config._attn_implementation = site.owner.original
+            model.config._attn_implementation = m.config._attn_implementation = site.owner.original
     for key, hook in list(model._forward_pre_hooks.items()):
         if getattr(hook, "_peftlab", False):
             del model._forward_pre_hooks[key]

@@ -19,6 +19,16 @@ from .routing import Route, Router, RoutingError
 from .targeting import unwrap
 
 
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of an ``nn.Linear``, a GPT-2 ``Conv1D`` (weight stored (in, out)) or an
+    ``nn.Embedding`` (vocabulary, dim)."""
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, Conv1D):
+        return tuple(module.weight.shape)
+    return module.in_features, module.out_features
+
+
 class AdapterLayer(nn.Module):
     """Base class: one wrapped module, the adapters of one method on it."""
 

@@ -278,23 +278,25 @@ class PeftModel(nn.Module):
         return {"input_ids": args[0], **kwargs} if args else kwargs
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        if adapter_names is not None:
+        route = self._route_for(adapter_names, self._batch_size(args, kwargs))
+        ids = None
+        if self.model_adapters:
+            # Virtual tokens go in front of each of the caller's rows, before generate expands them.
+            kwargs = self._as_kwargs(args, kwargs)
+            args, ids = (), kwargs.get("input_ids")
+            with self.router.use(route):
+                kwargs = prepend_prompts(self.base_model, self.model_adapters, route, kwargs, for_generate=True)
+        if route.is_mixed:
             # Beam search and multiple samples repeat each row; the route must repeat with them.
             repeat = max(kwargs.get("num_beams", 1) or 1, 1) * max(kwargs.get("num_return_sequences", 1) or 1, 1)
-            self._route_for(adapter_names, self._batch_size(args, kwargs))
-            adapter_names = [n for n in adapter_names for _ in range(repeat)]
-        with self.router.use(self._route_for(adapter_names, None)) as route:
-            if not self.model_adapters:
-                return self.base_model.generate(*args, **kwargs)
-            kwargs = self._as_kwargs(args, kwargs)
-            ids = kwargs.get("input_ids")
-            prepared = prepend_prompts(self.base_model, self.model_adapters, route, kwargs, for_generate=True)
-            out = self.base_model.generate(**prepared)
-            if "input_ids" in prepared or ids is None or getattr(self.base_model.config, "is_encoder_decoder", False):
-                return out
-            # Given only embeddings, decoder-only generate returns just the new tokens; put the
-            # prompt's ids back in front so the output looks the same with or without prompts.
-            return torch.cat([ids, out], dim=1)
+            route = Route(per_example=tuple(n for n in route.per_example for _ in range(repeat)))
+        with self.router.use(route):
+            out = self.base_model.generate(*args, **kwargs)
+        if ids is None or "input_ids" in kwargs or getattr(self.base_model.config, "is_encoder_decoder", False):
+            return out
+        # Given only embeddings, decoder-only generate returns just the new tokens; put the caller's
+        # ids back in front so the output looks the same with or without prompts.
+        return torch.cat([ids.repeat_interleave(out.shape[0] // ids.shape[0], dim=0), out], dim=1)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Checkpoint the base model's layers; the recomputed forward sees the original route."""

@@ -14,8 +14,23 @@ IDS = [f"{m}-{a}" for m, a in MATRIX]
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-def run(model, arch, **kw):
+def extra_inputs(model, batch: int) -> dict:
+    """Per-row inputs the model's adapters need besides the text (a Case's ``extra_inputs``)."""
+    out = {}
+    for config in getattr(model, "peft_config", {}).values():  # CASES is keyed by method name
+        case = CASES.get(config.method)
+        if case is not None and case.extra_inputs is not None:
+            out.update(case.extra_inputs(batch))
+    return out
+
+
+def inputs_for(model, arch):
     inputs = make_inputs(arch)
+    return {**inputs, **extra_inputs(model, inputs["input_ids"].shape[0])}
+
+
+def run(model, arch, **kw):
+    inputs = inputs_for(model, arch)
     with torch.no_grad():
         return output_of(model(**inputs, **kw), inputs)
 
@@ -101,7 +116,7 @@ def test_mixed_batch_gradients_equal_separate_runs(method, arch, tiny_model):
     case = CASES[method]
     model = get_peft_model(tiny_model(arch), case.make(arch, 0), adapter_name="a")
     model.add_adapter("b", case.make(arch, 1))
-    inputs = make_inputs(arch)
+    inputs = inputs_for(model, arch)
     rows = ["a", "b", "a"]
 
     def grads(loss):
@@ -130,7 +145,7 @@ def test_training_step_touches_only_adapter(method, arch, tiny_model):
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert {id(p) for p in trainable} == adapter, "exactly the declared adapter tensors train"
     opt = torch.optim.SGD(trainable, lr=0.1)
-    inputs = make_inputs(arch)
+    inputs = inputs_for(model, arch)
     output_of(model(**inputs), inputs).pow(2).mean().backward()
     for n, p in model.base_model.named_parameters():
         if id(p) not in adapter:
@@ -155,7 +170,7 @@ def test_gradient_checkpointing_same_gradients_mixed_route(method, arch, tiny_mo
         model.train()
         if checkpointing:
             model.gradient_checkpointing_enable()
-        inputs = make_inputs(arch)
+        inputs = inputs_for(model, arch)
         out = output_of(model(**inputs, adapter_names=["a", "b", BASE]), inputs)
         out.pow(2).mean().backward()
         results.append({k: t.grad.clone() for n in ("a", "b") for k, t in model.adapter_state_dict(n).items()
@@ -172,7 +187,8 @@ def test_generate_mixed_equals_separate(method, arch, tiny_model):
     model = get_peft_model(tiny_model(arch), case.make(arch, 0), adapter_name="a")
     model.add_adapter("b", case.make(arch, 1))
     ids = make_inputs(arch)["input_ids"]
-    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids),
+              **extra_inputs(model, len(ids)))
     rows = ["a", "b", BASE]
     mixed = model.generate(input_ids=ids, adapter_names=rows, **kw)
     for i, name in enumerate(rows):
@@ -183,3 +199,20 @@ def test_generate_mixed_equals_separate(method, arch, tiny_model):
             model.set_adapter(name)
             single = model.generate(input_ids=ids, **kw)
         assert torch.equal(mixed[i], single[i]), f"row {i} ({name}) generated differently in a mixed batch"
+
+
+@pytest.mark.parametrize("method,arch", [(m, a) for m, a in MATRIX if a in ("llama", "gpt2")],
+                         ids=[i for (m, a), i in zip(MATRIX, IDS) if a in ("llama", "gpt2")])
+def test_beam_search_mixed_rows_equal_separate(method, arch, tiny_model):
+    """num_beams expands each row; every expanded row must keep its adapter (and its prompt)."""
+    case = CASES[method]
+    model = get_peft_model(tiny_model(arch), case.make(arch, 0), adapter_name="a")
+    model.add_adapter("b", case.make(arch, 1))
+    ids = make_inputs(arch)["input_ids"][:2]
+    kw = dict(max_new_tokens=3, do_sample=False, num_beams=2, pad_token_id=0, attention_mask=torch.ones_like(ids),
+              **extra_inputs(model, 2))
+    mixed = model.generate(input_ids=ids, adapter_names=["a", "b"], **kw)
+    for i, name in enumerate(["a", "b"]):
+        model.set_adapter(name)
+        single = model.generate(input_ids=ids, **kw)
+        assert torch.equal(mixed[i], single[i])

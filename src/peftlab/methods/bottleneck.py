@@ -53,7 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import AdapterConfig, ConfigError, register
-from ..layers import AdapterLayer, ModulesToSaveLayer
+from ..layers import AdapterLayer, ModulesToSaveLayer, linear_features
 from ..routing import Route
 from ..targeting import ALL_LINEAR, LINEAR_TYPES, TargetFields, find_targets, logical_modules, unwrap
 
@@ -141,10 +141,7 @@ def _features(module: nn.Module) -> tuple[int, int]:
             f"target the FFN (or output projection) module instead"
         )
 
-    def io(m: nn.Module) -> tuple[int, int]:
-        return tuple(m.weight.shape) if not isinstance(m, nn.Linear) else (m.in_features, m.out_features)
-
-    return io(linears[0])[0], io(linears[-1])[1]
+    return linear_features(linears[0])[0], linear_features(linears[-1])[1]
 
 
 class BottleneckLayer(AdapterLayer):

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..config import AdapterConfig, ConfigError, HFMapping, register
-from ..layers import AdapterLayer
+from ..layers import AdapterLayer, linear_features
 from ..routing import Route
 from ..targeting import ALL_LINEAR, LINEAR_TYPES, TargetFields, find_targets, logical_modules, unwrap
 
@@ -103,11 +103,7 @@ class IA3Layer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, router) -> None:
         super().__init__(base_layer, router)
-        base = unwrap(base_layer)
-        if self.is_conv1d:
-            self.in_features, self.out_features = base.weight.shape
-        else:
-            self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = linear_features(unwrap(base_layer))
         self.ia3_l = nn.ParameterDict()
         self.feedforward: dict[str, bool] = {}
 

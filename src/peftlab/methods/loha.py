@@ -28,9 +28,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import AdapterConfig, ConfigError, HFMapping, register
-from ..layers import AdapterLayer
+from ..formats.hf_peft import target_fields_from_hf, target_fields_to_hf
+from ..layers import AdapterLayer, linear_features
 from ..routing import Route
-from ..targeting import ALL_LINEAR, LINEAR_TYPES, TargetFields, find_targets, unwrap
+from ..targeting import LINEAR_TYPES, TargetFields, find_targets, unwrap
 
 FORWARD_MODES = ("auto", "materialize", "factored")
 _FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -105,11 +106,7 @@ class LoHaLayer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, router) -> None:
         super().__init__(base_layer, router)
-        base = unwrap(base_layer)
-        if self.is_conv1d:
-            self.in_features, self.out_features = base.weight.shape
-        else:
-            self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = linear_features(unwrap(base_layer))
         self.hada_w1_a = nn.ParameterDict()
         self.hada_w1_b = nn.ParameterDict()
         self.hada_w2_a = nn.ParameterDict()
@@ -236,10 +233,6 @@ def _to_hf(config: LoHaConfig, model, name: str) -> dict[str, Any]:
             f"Hugging Face PEFT's LoHa supports nn.Linear but not GPT-2's Conv1D, and adapter {name!r} "
             f"targets {conv1d[:3]}{' ...' if len(conv1d) > 3 else ''}; save it with format='peftlab'"
         )
-    target = config.target_modules
-    if target == ALL_LINEAR or target is None:
-        # Write what was hit, as leaf names: PEFT's "all-linear" rule differs for some heads.
-        target = sorted({p.rsplit(".", 1)[-1] for p, _ in layers})
     return {
         "peft_type": "LOHA",
         "task_type": config.task_type,
@@ -249,11 +242,7 @@ def _to_hf(config: LoHaConfig, model, name: str) -> dict[str, Any]:
         "module_dropout": 0.0,
         "use_effective_conv2d": False,
         "init_weights": config.init_weights,
-        "target_modules": target if isinstance(target, str) else list(target),
-        "exclude_modules": list(config.exclude_modules) if isinstance(config.exclude_modules, tuple)
-        else config.exclude_modules,
-        "layers_to_transform": list(config.layers_to_transform) if config.layers_to_transform else None,
-        "layers_pattern": config.layers_pattern,
+        **target_fields_to_hf(config, [p for p, _ in layers]),
         "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None,
         "rank_pattern": {},
         "alpha_pattern": {},
@@ -269,16 +258,12 @@ def _from_hf(d: dict[str, Any]) -> LoHaConfig:
     if dropouts:
         # Training-time only: inference is identical without them, so the adapter still loads.
         warnings.warn(f"peftlab's LoHa has no {sorted(dropouts)}; ignoring {dropouts} (they only act in training)")
-    layers = d.get("layers_to_transform")
     return LoHaConfig(
         task_type=d.get("task_type"),
         r=d.get("r", 8),
         alpha=d.get("alpha", 8),
         init_weights=d.get("init_weights", True),
-        target_modules=d.get("target_modules"),
-        exclude_modules=d.get("exclude_modules"),
-        layers_to_transform=[layers] if isinstance(layers, int) else layers,
-        layers_pattern=d.get("layers_pattern") or None,
+        **target_fields_from_hf(d),
         modules_to_save=d.get("modules_to_save"),
     )
 

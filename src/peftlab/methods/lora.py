@@ -22,9 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import AdapterConfig, ConfigError, HFMapping, register
-from ..layers import AdapterLayer
+from ..formats.hf_peft import target_fields_from_hf, target_fields_to_hf
+from ..layers import AdapterLayer, linear_features
 from ..routing import Route
-from ..targeting import ALL_LINEAR, LINEAR_TYPES, TargetFields, find_targets, unwrap
+from ..targeting import LINEAR_TYPES, TargetFields, find_targets, unwrap
 
 
 @dataclass(frozen=True)
@@ -82,12 +83,7 @@ class LoraLayer(AdapterLayer):
         super().__init__(base_layer, router)
         base = unwrap(base_layer)
         self.is_embedding = isinstance(base, nn.Embedding)
-        if self.is_embedding:
-            self.in_features, self.out_features = base.num_embeddings, base.embedding_dim
-        elif self.is_conv1d:
-            self.in_features, self.out_features = base.weight.shape
-        else:
-            self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = linear_features(base)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.scaling: dict[str, float] = {}
@@ -210,12 +206,7 @@ def attach(model, name: str, config: LoraConfig) -> None:
 
 
 def _to_hf(config: LoraConfig, model, name: str) -> dict[str, Any]:
-    target = config.target_modules
-    if target == ALL_LINEAR or target is None:
-        # Write what was hit, as leaf names: Hugging Face PEFT's "all-linear" rule differs for
-        # some heads, and an explicit list means the same thing in both libraries.
-        paths = [p for p, layer in model.adapter_layers(name) if isinstance(layer, LoraLayer)]  # not the heads
-        target = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    paths = [p for p, layer in model.adapter_layers(name) if isinstance(layer, LoraLayer)]  # not the heads
     return {
         "peft_type": "LORA",
         "task_type": config.task_type,
@@ -226,11 +217,7 @@ def _to_hf(config: LoraConfig, model, name: str) -> dict[str, Any]:
         "bias": config.bias,
         "init_lora_weights": config.init_lora_weights,
         "fan_in_fan_out": config.fan_in_fan_out,
-        "target_modules": target if isinstance(target, str) else list(target),
-        "exclude_modules": list(config.exclude_modules) if isinstance(config.exclude_modules, tuple)
-        else config.exclude_modules,
-        "layers_to_transform": list(config.layers_to_transform) if config.layers_to_transform else None,
-        "layers_pattern": config.layers_pattern,
+        **target_fields_to_hf(config, paths),
         "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None,
         "rank_pattern": {},
         "alpha_pattern": {},
@@ -249,7 +236,6 @@ def _from_hf(d: dict[str, Any]) -> LoraConfig:
     for key, default in _HF_UNSUPPORTED.items():
         if d.get(key, default) not in (default, None, {}, [], False):
             raise ConfigError(f"Hugging Face PEFT LoRA option {key}={d[key]!r} is not supported by peftlab yet")
-    layers = d.get("layers_to_transform")
     return LoraConfig(
         task_type=d.get("task_type"),
         r=d["r"],
@@ -259,10 +245,7 @@ def _from_hf(d: dict[str, Any]) -> LoraConfig:
         bias=d.get("bias", "none"),
         init_lora_weights=d.get("init_lora_weights", True),
         fan_in_fan_out=d.get("fan_in_fan_out", False),
-        target_modules=d.get("target_modules"),
-        exclude_modules=d.get("exclude_modules"),
-        layers_to_transform=[layers] if isinstance(layers, int) else layers,
-        layers_pattern=d.get("layers_pattern") or None,
+        **target_fields_from_hf(d),
         modules_to_save=d.get("modules_to_save"),
     )
 

@@ -109,7 +109,10 @@ def _to_hf(config: PromptTuningConfig, model, name: str) -> dict[str, Any]:
         "num_virtual_tokens": config.num_virtual_tokens,
         "token_dim": base.get_input_embeddings().weight.shape[1],
         "num_transformer_submodules": num_submodules(base),
-        "prompt_tuning_init": _INIT_TO_HF[config.prompt_tuning_init],
+        # PEFT rebuilds a TEXT init from the text and a tokenizer; with only token ids it would
+        # refuse the file. The weights come from the file either way.
+        "prompt_tuning_init": "RANDOM" if config.prompt_tuning_init == "text" and not config.tokenizer_name_or_path
+        else _INIT_TO_HF[config.prompt_tuning_init],
         "prompt_tuning_init_text": config.prompt_tuning_init_text,
         "tokenizer_name_or_path": config.tokenizer_name_or_path,
         "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None,
