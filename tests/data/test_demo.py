@@ -117,7 +117,7 @@ def test_exact_match_strips_answer_too():
 
 
 def test_recommended_and_description():
-    for key in ("lr", "steps", "batch_size", "r", "lora_alpha", "max_length"):
+    for key in ("lr", "steps", "batch_size", "r", "lora_alpha", "max_length", "max_new_tokens"):
         assert key in RECOMMENDED
     assert RECOMMENDED["lr"] > 0 and RECOMMENDED["steps"] > 0
     assert isinstance(DEMO_TASK_DESCRIPTION, str) and DEMO_TASK_DESCRIPTION.strip()

@@ -38,6 +38,7 @@ __all__ = [
     "BADGE_SUFFIX",
     "BADGE_SEPARATOR",
     "END_OF_TURN",
+    "MAX_NEW_TOKENS",
     "NAMES",
     "JOBS",
     "CITIES",
@@ -99,17 +100,26 @@ N_TRAIN = 256
 N_HELDOUT = 40
 _HELDOUT_NAME_FRACTION = 1 / 3
 
-#: Hyperparameters validated on 2 CPU cores with Hugging Face ``peft`` LoRA on
-#: SmolLM2-135M-Instruct (loss on answer tokens only, AdamW, greedy decoding).
+#: Hyperparameters validated on 2 CPU cores with Hugging Face ``peft`` LoRA
+#: (``target_modules="all-linear"``, no dropout) on SmolLM2-135M-Instruct:
+#: loss on the answer tokens plus the closing ``<|im_end|>`` only, AdamW
+#: (no weight decay, grad-norm clip 1.0), batches drawn from reshuffled epochs
+#: of the training set, constant LR (a 5-step warmup + linear decay works too).
+#: Held-out exact match went from 0 % (base) to 100 % with these settings.
+#: Steps take about 3-3.5 s each on 2 idle cores (sequences are ~52-67 tokens).
 RECOMMENDED: dict = dict(
-    lr=2e-3,
-    steps=60,
+    lr=1e-3,
+    steps=40,
     batch_size=8,
     r=8,
     lora_alpha=16,
-    max_length=64,
+    max_length=96,
     max_new_tokens=16,
 )
+
+#: Greedy decoding budget for answers; the longest possible answer is 15
+#: tokens plus ``<|im_end|>``.
+MAX_NEW_TOKENS: int = RECOMMENDED["max_new_tokens"]
 
 
 @dataclass(frozen=True)
