@@ -1,8 +1,9 @@
-"""Shared pieces of the side-by-side benchmarks: child-process runs and round-robin medians.
+"""Shared pieces of the side-by-side benchmarks.
 
-Peak RSS is a per-process high-water mark, so every measurement runs in a fresh child process;
-contenders take turns (round-robin, rotating the order) so slow drift on a noisy machine hits
-all of them alike, and the report uses medians.
+Time: all contenders live in one process and take turns step by step (round-robin, order
+rotating each round) after a warm-up, so drift on a noisy machine hits all of them alike; the
+report uses medians. Peak RSS is a per-process high-water mark, so it is measured in a fresh
+child process per contender.
 """
 
 from __future__ import annotations
@@ -38,6 +39,21 @@ def run_isolated(fn: Callable[..., dict], *args) -> dict:
     if "error" in out:
         raise RuntimeError(f"{fn.__name__}{args}: {out['error']}")
     return out
+
+
+def time_round_robin(steps: dict[str, Callable[[], float]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Call each contender's step (which returns its own duration) in rotating order."""
+    names = list(steps)
+    for name in names:
+        for _ in range(warmup):
+            steps[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            times[name].append(steps[name]())
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names),
+              file=sys.stderr, flush=True)
+    return times
 
 
 def round_robin(contenders: list[str], rounds: int, measure: Callable[[str], dict]) -> dict[str, list[dict]]:

@@ -25,6 +25,12 @@ class Case:
     extra_inputs: Callable[[int], dict] | None = None
     """batch size -> per-row forward inputs the method needs besides the text (e.g. ``task_ids``);
     test_invariants.py adds them to every forward of a model holding this method's adapters."""
+    learn_config: Callable[[str], AdapterConfig] | None = None
+    """Config for the learning test when the matrix configs are too small to learn (default: the
+    identity-init config, else variant 0)."""
+    learning_rate: float = 3e-2
+    """For the learning test. Prompt tuning and (IA)³ train a few small vectors and want a larger
+    rate (Lester et al. use 0.3)."""
 
 
 def _lora(arch: str, variant: int) -> AdapterConfig:
@@ -65,7 +71,7 @@ def _loha(arch: str, variant: int) -> AdapterConfig:
 
 CASES: dict[str, Case] = {
     "bottleneck": Case(make=_bottleneck, init_config=lambda arch: BottleneckConfig(reduction_factor=4)),
-    "ia3": Case(make=_ia3, mergeable=True, init_config=lambda arch: IA3Config()),
+    "ia3": Case(make=_ia3, mergeable=True, init_config=lambda arch: IA3Config(), learning_rate=0.3),
     "loha": Case(make=_loha, mergeable=True, init_config=lambda arch: LoHaConfig(r=2, target_modules="all-linear")),
     "lora": Case(make=_lora, mergeable=True, init_config=lambda arch: LoraConfig(r=4, target_modules="all-linear")),
     # Different lengths and both parametrisations, so mixed batches exercise unused prefix slots.
@@ -73,7 +79,8 @@ CASES: dict[str, Case] = {
     "prefix": Case(make=lambda arch, v: PrefixTuningConfig(num_virtual_tokens=3 + v, prefix_projection=v == 0),
                    archs=("llama", "gpt2", "bert")),
     # Different lengths per variant, so mixed batches exercise the unused prompt slots.
-    "prompt": Case(make=lambda arch, v: PromptTuningConfig(num_virtual_tokens=3 + v)),
+    "prompt": Case(make=lambda arch, v: PromptTuningConfig(num_virtual_tokens=3 + v), learning_rate=0.3,
+                   learn_config=lambda arch: PromptTuningConfig(num_virtual_tokens=20)),
     # Both encoders, different lengths; the MLP one with a hidden width other than d.
     "ptuning": Case(make=lambda arch, v: PTuningConfig(num_virtual_tokens=3 + v, encoder=("mlp", "lstm")[v],
                                                        encoder_hidden_size=(16, None)[v])),
