@@ -13,7 +13,27 @@ import multiprocessing as mp
 import resource
 import statistics
 import sys
+import time
 from typing import Callable
+
+
+def make_train_step(model, batch: int, seq: int) -> Callable[[], float]:
+    """An AdamW step over the model's trainable parameters on fixed random tokens; returns seconds."""
+    import torch
+
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def step() -> float:
+        t = time.perf_counter()
+        model(**data).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    return step
 
 
 def peak_rss_mib() -> float:

@@ -18,10 +18,9 @@ import copy
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import median, round_robin, run_isolated, time_round_robin  # noqa: E402
+from _common import make_train_step, median, round_robin, run_isolated, time_round_robin  # noqa: E402
 
 CONTENDERS = ["full-ft", "peft", "peftlab"]
 
@@ -38,24 +37,6 @@ def build(contender: str, base):
     return base
 
 
-def make_step(model, batch: int, seq: int):
-    import torch
-
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-
-    def step() -> float:
-        t = time.perf_counter()
-        model(**data).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t
-
-    return step
-
-
 def alone(contender: str, steps: int, batch: int, seq: int, threads: int) -> dict:
     """One contender in a fresh process: median step time; the parent adds peak RSS."""
     import torch
@@ -65,7 +46,7 @@ def alone(contender: str, steps: int, batch: int, seq: int, threads: int) -> dic
     from peftlab.models import load
 
     model = build(contender, load("smollm2-135m-instruct")[0])
-    step = make_step(model, batch, seq)
+    step = make_train_step(model, batch, seq)
     step()  # warm-up: allocator, optimizer state
     return {"step_s": statistics.median(step() for _ in range(steps)),
             "trainable_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6}
@@ -102,7 +83,7 @@ def main() -> None:
     from peftlab.models import load
 
     base, _ = load("smollm2-135m-instruct")
-    steps = {c: make_step(build(c, copy.deepcopy(base)), a.batch, a.seq) for c in ("peft", "peftlab")}
+    steps = {c: make_train_step(build(c, copy.deepcopy(base)), a.batch, a.seq) for c in ("peft", "peftlab")}
     ab = {c: statistics.median(v) for c, v in time_round_robin(steps, a.ab_rounds).items()}
     print(f"\n2. peft and peftlab alternating in one process ({a.ab_rounds} rounds after a warm-up; medians)")
     print(f"| peft step (s) | peftlab step (s) | peftlab / peft |\n|---|---|---|\n"

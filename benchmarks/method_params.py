@@ -60,7 +60,6 @@ def main() -> None:
                              + (f"; saved {saved:,d}" if saved != trainable else ""))
             except ValueError as exc:  # the method does not apply to this architecture
                 cells.append(f"n/a ({str(exc).split(';')[0][:60]})")
-        entry = registered_methods()[method]
         rows.append(f"| {method} | {cells[0]} | {cells[1]} | {PAPER.get(method, '')} |")
     print(f"peftlab {peftlab.__version__}; configurations: {CONFIGS}\n")
     print("| method | SmolLM2-135M trainable (share) | MiniLM-L6 trainable (share) | paper's claim |")

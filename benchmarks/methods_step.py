@@ -12,10 +12,9 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import median, round_robin, run_isolated  # noqa: E402
+from _common import make_train_step, median, round_robin, run_isolated  # noqa: E402
 
 # (peftlab config kwargs, peft config class name, peft kwargs); None: PEFT has no such method.
 METHODS = {
@@ -53,23 +52,11 @@ def measure(contender: str, steps: int, batch: int, seq: int, threads: int) -> d
 
         _, cls, kwargs = METHODS[method]
         model = peft.get_peft_model(model, getattr(peft, cls)(**kwargs))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
-    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-
-    def step() -> float:
-        t = time.perf_counter()
-        model(**data).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t
-
+    step = make_train_step(model, batch, seq)
     step()
     times = [step() for _ in range(steps)]
-    return {"step_s": statistics.median(times), "trainable_m": sum(p.numel() for p in params) / 1e6}
+    return {"step_s": statistics.median(times),
+            "trainable_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6}
 
 
 def main() -> None:

@@ -105,7 +105,6 @@ def prepend_prompts(model: nn.Module, model_adapters: nn.ModuleDict, route: Rout
     if embeds is None:
         embeds = word_embeddings(kwargs.pop("input_ids"))
     kwargs.pop("input_ids", None)
-    dim = embeds.shape[-1]
 
     enc_parts, dec_parts = [], []
     for name, rows in serving.items():

@@ -1,6 +1,5 @@
 """The invariant matrix: every method × every applicable tiny architecture (STYLE.md §9)."""
 
-import copy
 
 import pytest
 import torch

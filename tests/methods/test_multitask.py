@@ -8,7 +8,7 @@ import peft
 import pytest
 import torch
 
-from peftlab import AdapterLoadError, ConfigError, MultitaskPromptConfig, PeftModel, PromptTuningConfig, get_peft_model
+from peftlab import AdapterLoadError, ConfigError, MultitaskPromptConfig, PromptTuningConfig, get_peft_model
 from peftlab.formats import read_adapter
 from peftlab.models import tiny
 from peftlab.train import train
