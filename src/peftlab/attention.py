@@ -137,13 +137,7 @@ def _original_function(module: nn.Module, original: str):
 
 def _serving(route: Route, adapters: nn.ModuleDict) -> list[tuple[str, torch.Tensor | None]]:
     """(adapter name, rows it serves or None for all rows) for the attention adapters in ``route``."""
-    def mine(n: str) -> bool:
-        return n in adapters and isinstance(adapters[n], AttentionAdapter)
-
-    if not route.is_mixed:
-        return [(n, None) for n in route.active if mine(n)]
-    idx = route.index(torch.device("cpu"))
-    return [(n, (idx == i).nonzero().squeeze(1)) for i, n in enumerate(route.names) if mine(n)]
+    return route.rows_of({n for n, m in adapters.items() if isinstance(m, AttentionAdapter)})
 
 
 def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):

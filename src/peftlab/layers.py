@@ -148,11 +148,9 @@ class ModulesToSaveLayer(AdapterLayer):
         route = self.route
         if route.is_mixed:
             out = self.base_layer(x, *args, **kwargs)
-            idx = route.index(x.device)
             # One call per distinct adapter on its rows: heads are small and run once per forward.
-            for slot, name in enumerate(route.names):
-                rows = (idx == slot).nonzero().squeeze(1)
-                if name in self.copies and rows.numel():
+            for name, rows in route.rows_of(self.copies, x.device):
+                if rows.numel():
                     out = out.index_copy(0, rows, self.copies[name](x[rows], *args, **kwargs).to(out.dtype))
             return out
         chosen = [n for n in route.active if n in self.copies and n not in self.merged]

@@ -22,7 +22,7 @@ from .layers import AdapterLayer, ModulesToSaveLayer
 from . import attention
 from .prompts import prepend_prompts
 from .routing import BASE, Route, Router, RoutingError, check_adapter_name
-from .targeting import logical_modules, physical_path, unwrap
+from .targeting import logical_modules, matches, physical_path, unwrap
 
 DEFAULT = "default"
 _WRAPPER_SEGMENT = ".base_layer"
@@ -102,7 +102,7 @@ class PeftModel(nn.Module):
             return []
         # Like Hugging Face PEFT, names that are absent are skipped ("classifier" or "score"), but a
         # list that matches nothing at all is a mistake worth reporting.
-        paths = [p for p, _ in logical_modules(self.base_model) if p and any(p == w or p.endswith("." + w) for w in wanted)]
+        paths = [p for p, _ in logical_modules(self.base_model) if p and matches(p, wanted)]
         if not paths:
             raise ConfigError(
                 f"modules_to_save={list(wanted)} matched no module in {type(self.base_model).__name__}; "

@@ -44,16 +44,12 @@ class PromptAdapter(ModelAdapter):
         raise NotImplementedError
 
 
-def _rows_by_adapter(route: Route, model_adapters: nn.ModuleDict, batch: int) -> dict[str, torch.Tensor | None]:
+def _rows_by_adapter(route: Route, model_adapters: nn.ModuleDict) -> dict[str, torch.Tensor | None]:
     """Which rows each prompt adapter serves (None = every row)."""
-    prompt_adapters = {n for n, m in model_adapters.items() if isinstance(m, PromptAdapter)}
-    if not route.is_mixed:
-        names = [n for n in route.active if n in prompt_adapters]
-        if len(names) > 1:
-            raise ValueError(f"adapters {names} all prepend prompts; activate one prompt adapter at a time")
-        return {names[0]: None} if names else {}
-    idx = route.index(torch.device("cpu"))
-    return {n: (idx == i).nonzero().squeeze(1) for i, n in enumerate(route.names) if n in prompt_adapters}
+    serving = dict(route.rows_of({n for n, m in model_adapters.items() if isinstance(m, PromptAdapter)}))
+    if not route.is_mixed and len(serving) > 1:
+        raise ValueError(f"adapters {list(serving)} all prepend prompts; activate one prompt adapter at a time")
+    return serving
 
 
 def _splice(parts: list[tuple[torch.Tensor | None, torch.Tensor]], text: torch.Tensor, causal: bool):
@@ -93,7 +89,7 @@ def prepend_prompts(model: nn.Module, model_adapters: nn.ModuleDict, route: Rout
     ids = kwargs.get("input_ids")
     embeds = kwargs.get("inputs_embeds")
     batch = (ids if ids is not None else embeds).shape[0]
-    serving = _rows_by_adapter(route, model_adapters, batch)
+    serving = _rows_by_adapter(route, model_adapters)
     # Per-row inputs for prompt adapters (``task_ids``) are never the base model's, even for rows
     # (or whole forwards, as in ``disable_adapter()``) that no such adapter serves.
     extra_keys = {k for m in model_adapters.values() if isinstance(m, PromptAdapter) for k in m.extra_inputs}

@@ -16,7 +16,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterator
+from typing import Container, Iterator
 
 import torch
 
@@ -73,6 +73,14 @@ class Route:
                 [slot.get(n, base_slot) for n in self.per_example], dtype=torch.long, device=device
             )
         return self._index_cache[key]
+
+    def rows_of(self, wanted: Container[str], device: torch.device | str = "cpu") -> list[tuple[str, torch.Tensor | None]]:
+        """(adapter, the rows it serves) for each adapter in ``wanted`` this route uses, in route
+        order; rows is None when the adapter serves the whole batch."""
+        if not self.is_mixed:
+            return [(n, None) for n in self.active if n in wanted]
+        idx = self.index(torch.device(device))
+        return [(n, (idx == i).nonzero().squeeze(1)) for i, n in enumerate(self.names) if n in wanted]
 
 
 class Router:

@@ -123,7 +123,9 @@ def _head_paths(model: nn.Module) -> set[str]:
     return heads
 
 
-def _matches(path: str, spec: TargetSpec) -> bool:
+def matches(path: str, spec: TargetSpec) -> bool:
+    """Whether ``path`` is selected by ``spec``: one string is a regex over the whole path, a list
+    holds names or dotted suffixes, None selects nothing."""
     if spec is None:
         return False
     if isinstance(spec, str):
@@ -158,9 +160,9 @@ def find_targets(
         if spec == ALL_LINEAR:
             if not isinstance(unwrap(module), LINEAR_TYPES) or path in heads:
                 continue
-        elif not _matches(path, spec):
+        elif not matches(path, spec):
             continue
-        if fields.exclude_modules is not None and _matches(path, fields.exclude_modules):
+        if fields.exclude_modules is not None and matches(path, fields.exclude_modules):
             continue
         if wanted_layers is not None and layer_index(path, fields.layers_pattern) not in wanted_layers:
             continue

@@ -27,7 +27,7 @@ import torch.nn as nn
 from ..config import AdapterConfig, ConfigError, HFMapping, register
 from ..layers import AdapterLayer, linear_features
 from ..routing import Route
-from ..targeting import ALL_LINEAR, LINEAR_TYPES, TargetFields, find_targets, logical_modules, unwrap
+from ..targeting import ALL_LINEAR, LINEAR_TYPES, TargetFields, find_targets, logical_modules, matches, unwrap
 
 # Keys, values and the FFN down-projection per model type, as Hugging Face PEFT's
 # TRANSFORMERS_MODELS_TO_IA3_* tables give them, with one deliberate difference: for BERT-style
@@ -82,14 +82,6 @@ class IA3Config(TargetFields, AdapterConfig):
                 ) from None
         if not isinstance(self.init_ia3_weights, bool):
             raise ConfigError(f"IA3Config.init_ia3_weights must be True or False, got {self.init_ia3_weights!r}")
-
-
-def _matches(path: str, spec: str | tuple[str, ...]) -> bool:
-    # The same rule as target_modules: one string is a regex over the whole path, a list holds
-    # names or dotted suffixes.
-    if isinstance(spec, str):
-        return re.fullmatch(spec, path) is not None
-    return any(path == name or path.endswith("." + name) for name in spec)
 
 
 class IA3Layer(AdapterLayer):
@@ -220,13 +212,13 @@ def attach(model, name: str, config: IA3Config) -> None:
         )
     if config.feedforward_modules is not None:
         specs = [ff_spec] if isinstance(ff_spec, str) else [(entry,) for entry in ff_spec]
-        stray = [s if isinstance(s, str) else s[0] for s in specs if not any(_matches(p, s) for p in paths)]
+        stray = [s if isinstance(s, str) else s[0] for s in specs if not any(matches(p, s) for p in paths)]
         if stray:
             raise ConfigError(
                 f"feedforward_modules entries {stray} match none of the targeted modules "
                 f"({paths[:4]}{', ...' if len(paths) > 4 else ''}); feedforward modules must also be targets"
             )
-    ff = [p for p in paths if _matches(p, ff_spec)]
+    ff = [p for p in paths if matches(p, ff_spec)]
     model.wrap_modules(ff, name, config, IA3Layer, feedforward=True)
     model.wrap_modules([p for p in paths if p not in ff], name, config, IA3Layer, feedforward=False)
 
@@ -240,7 +232,7 @@ def _hf_names(paths: list[str], ff: list[str], all_paths: list[str]) -> tuple[li
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
     ff_leaves = sorted({p.rsplit(".", 1)[-1] for p in ff})
     # PEFT: a target matches by equality or dotted suffix; a feedforward name by plain suffix.
-    hit = {p for p in all_paths if any(p == t or p.endswith("." + t) for t in leaves)}
+    hit = {p for p in all_paths if matches(p, leaves)}
     ff_hit = {p for p in paths if any(p.endswith(t) for t in ff_leaves)}
     if hit == set(paths) and ff_hit == set(ff):
         return leaves, ff_leaves

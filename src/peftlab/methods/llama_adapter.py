@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from ..attention import AttentionAdapter, Site, self_attention_modules
 from ..config import AdapterConfig, ConfigError, HFMapping, register
-from ..targeting import describe, unwrap
+from ..targeting import describe, matches, unwrap
 
 GATES = ("scalar", "tanh_per_head")
 
@@ -193,7 +193,7 @@ def adapted_modules(base: nn.Module, config: LlamaAdapterConfig) -> tuple[str, l
     stack = "decoder" if any(s == "decoder" for _, _, s in found) else "encoder"
     sites = sorted(((p, m) for p, m, s in found if s == stack), key=lambda pm: pm[1].layer_idx)
     if config.target_modules is not None:
-        named = [(p, m) for p, m in sites if p == config.target_modules or p.endswith("." + config.target_modules)]
+        named = [(p, m) for p, m in sites if matches(p, (config.target_modules,))]
         if not named:
             raise ConfigError(f"target_modules={config.target_modules!r} matched no self-attention module of "
                               f"{type(base).__name__}; its {stack} attention modules are {[p for p, _ in sites][:4]}...; "
