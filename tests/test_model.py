@@ -167,3 +167,24 @@ def test_pickle_adapter_refused_unless_opted_in(tiny_model, tmp_path):
         PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
     loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path, allow_pickle=True)
     torch.testing.assert_close(logits(loaded), expected, atol=0, rtol=0)
+
+
+def test_merging_into_a_tied_embedding_unties_it():
+    # SmolLM2 ties lm_head to embed_tokens; ΔW of an embedding adapter must not reach the head.
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.models import tiny
+
+    config = tiny("llama", "causal-lm").config
+    config.tie_word_embeddings = True
+    model = AutoModelForCausalLM.from_config(config).eval()
+    head_before = model.lm_head.weight.detach().clone()
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["embed_tokens"], init_lora_weights=False))
+    ids = torch.randint(0, 100, (2, 5))
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        merged = peft_model.merge_and_unload()
+        assert (merged(input_ids=ids).logits - expected).abs().max() <= 1e-5
+    assert merged.lm_head.weight is not merged.model.embed_tokens.weight
+    assert torch.equal(merged.lm_head.weight, head_before)
+    assert merged.config.tie_word_embeddings is False

@@ -16,6 +16,8 @@ the attention module (``module.layer_idx``) tells which layer is running, and th
 Prefix positions: a prefix of P tokens sits at positions 0..P-1 and the text starts at P (Li &
 Liang; Hugging Face PEFT gets this from its KV-cache route). A forward pre-hook on the base
 model adds each row's P to its ``position_ids``, in ``forward`` and in every ``generate`` step.
+Models with a relative position bias per (query, key) pair (T5) get no position ids: there the
+prefix columns of the bias are computed for keys at 0..P-1 and queries from P on.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class Site:
     layer: int
     stack: str  # "decoder" (decoder-only models and the decoder of seq2seq) or "encoder"
     owner: Any  # _Attached, shared by all sites of one model
+    bias_source: nn.Module | None = None
+    """The module of this stack that computes its relative position bias (``compute_bias``: T5's
+    first layer, whose bias every layer of the stack reuses); None for models without one."""
 
 
 @dataclass(eq=False)
@@ -98,11 +103,19 @@ def install(model: nn.Module, router: Router, adapters: nn.ModuleDict) -> None:
         raise ValueError(f"{type(model).__name__} has no self-attention modules with a layer_idx; "
                          f"attention-based adapters need a model that uses transformers' attention interface")
     for _, module, stack in sites:
-        module._peftlab_site = Site(module.layer_idx, stack, owner)
+        module._peftlab_site = Site(module.layer_idx, stack, owner, _bias_source(module, stack, sites))
         # Seq2seq stacks read their own copy of the config (T5 deep-copies it per stack).
         module.config._attn_implementation = f"peftlab_{original}"
     model.config._attn_implementation = f"peftlab_{original}"
     model.register_forward_pre_hook(_shift_positions(owner), with_kwargs=True)
+
+
+def _bias_source(module: nn.Module, stack: str, sites: list[tuple[str, nn.Module, str]]) -> nn.Module | None:
+    """The module itself if it owns a relative position bias (UMT5: every layer), else the first of its stack (T5)."""
+    for candidate in [module] + [m for _, m, s in sites if s == stack]:
+        if getattr(candidate, "has_relative_attention_bias", False) and hasattr(candidate, "compute_bias"):
+            return candidate
+    return None
 
 
 def uninstall(model: nn.Module) -> None:
@@ -157,7 +170,7 @@ def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
         if kv is not None:
             parts.append((rows, kv))
     if parts:
-        key, value, attention_mask, kwargs = _with_prefix(module, query, key, value, attention_mask, kwargs, parts)
+        key, value, attention_mask, kwargs = _with_prefix(site, module, query, key, value, attention_mask, kwargs, parts)
     out, weights = fn(module, query, key, value, attention_mask, **kwargs)
 
     for name, rows in serving:
@@ -168,8 +181,8 @@ def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
     return out, weights
 
 
-def _with_prefix(module, query, key, value, mask, kwargs, parts):
-    """Concatenate per-row prefix keys/values (padded to the longest) and widen mask and bias."""
+def _with_prefix(site, module, query, key, value, mask, kwargs, parts):
+    """Concatenate per-row prefix keys/values (padded to the longest, right-aligned) and widen mask and bias."""
     batch, _, q_len, _ = query.shape
     kv_heads, head_dim = key.shape[1], key.shape[3]
     P = max(k.shape[2] for _, (k, _) in parts)
@@ -200,9 +213,29 @@ def _with_prefix(module, query, key, value, mask, kwargs, parts):
     kwargs = dict(kwargs)
     kwargs.pop("is_causal", None)
     bias = kwargs.get("position_bias")
-    if bias is not None:  # T5: relative position bias has one column per key; prefixes get none
-        kwargs["position_bias"] = torch.cat([bias.new_zeros(*bias.shape[:-1], P), bias], dim=-1)
+    if bias is not None:  # T5: one bias column per key, so the prefix keys need theirs
+        prefix_bias = _prefix_bias(site, module, q_len, k_len, P).to(bias.dtype)
+        kwargs["position_bias"] = torch.cat([prefix_bias.expand(bias.shape[0], -1, -1, -1), bias], dim=-1)
     return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2), mask, kwargs
+
+
+def _prefix_bias(site: Site, module: nn.Module, q_len: int, k_len: int, P: int) -> torch.Tensor:
+    """Relative position bias of the P prefix columns, (1, heads, Q, P).
+
+    A row's n prefix tokens sit at positions 0..n-1 and its text from n on (Hugging Face PEFT's
+    cache route: the prefix is the cache, T5 counts the text after it). Keys are the cached text
+    and the Q queries (k_len - Q before them), so query q is at n + k_len - Q + q. Prefixes are
+    right-aligned in P columns, so column c holds prefix token c - (P - n): the distance
+    c - P - (k_len - Q + q) is the same for every n, and one bias serves all rows.
+    """
+    source = site.bias_source
+    if source is None:
+        raise ValueError(f"{type(module).__name__} (layer {site.layer} of the {site.stack}) adds a position_bias "
+                         f"per key, but no attention module of its stack has compute_bias and "
+                         f"has_relative_attention_bias; prefix keys need bias columns of their own — add this "
+                         f"architecture's bias module to peftlab/attention.py (_bias_source)")
+    past = k_len - q_len
+    return source.compute_bias(q_len, P + k_len, past_seen_tokens=P + past)[..., :P]
 
 
 def _shift_positions(owner: _Attached):

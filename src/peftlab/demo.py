@@ -8,20 +8,25 @@ formula on one layer.
 from __future__ import annotations
 
 import os
+import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from . import LoraConfig, get_peft_model
-from .data.chat import encode_chat, iterate_batches
+from .data.chat import collate, encode_chat
 from .data.demo import DEMO_TASK_DESCRIPTION, RECOMMENDED, demo_task, exact_match, normalize_prediction
-from .formats import atomic_write
 from .models import load
-from .train import train
-from .train.evaluate import accuracy, generate_answers
+from .train import TrainArgs, train
+from .generation import generate_texts
 
 BAR_BEFORE, BAR_AFTER = 0.20, 0.80
+
+
+def _accuracy(predictions: list[str], answers: list[str]) -> float:
+    return sum(exact_match(p, a) for p, a in zip(predictions, answers)) / max(1, len(answers))
 
 
 def _show(title: str, prompts, predictions, answers, n: int = 4) -> None:
@@ -29,23 +34,6 @@ def _show(title: str, prompts, predictions, answers, n: int = 4) -> None:
     for p, pred, ans in list(zip(prompts, predictions, answers))[:n]:
         mark = "✓" if exact_match(pred, ans) else "✗"
         print(f"  {mark} {p}\n      → {normalize_prediction(pred)!r}")
-
-
-def plot_losses(losses: list[float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(1, len(losses) + 1), losses)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (answer tokens)")
-    ax.set_title("LoRA on SmolLM2-135M-Instruct")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
-    plt.close(fig)
 
 
 def run_demo(out_dir: str | os.PathLike = "out/demo", *, steps: int | None = None, seed: int = 0,
@@ -62,11 +50,12 @@ def run_demo(out_dir: str | os.PathLike = "out/demo", *, steps: int | None = Non
     model, tokenizer = load("smollm2-135m-instruct")
     train_set, heldout = demo_task(seed)
     prompts, answers = [e.prompt for e in heldout], [e.answer for e in heldout]
+    chats = [[{"role": "user", "content": p}] for p in prompts]
     print(f"\nTask: {DEMO_TASK_DESCRIPTION}")
     print(f"{len(train_set)} training examples, {len(heldout)} held-out prompts (names never seen in training).")
 
-    before = generate_answers(model, tokenizer, prompts, max_new_tokens=hp["max_new_tokens"])
-    acc_before = accuracy(before, answers, exact_match)
+    before = generate_texts(model, tokenizer, chats, max_new_tokens=hp["max_new_tokens"], batch_size=16)
+    acc_before = _accuracy(before, answers)
     _show("Base model on held-out prompts:", prompts, before, answers)
 
     config = LoraConfig(r=hp["r"], lora_alpha=hp["lora_alpha"], target_modules="all-linear", task_type="CAUSAL_LM")
@@ -76,18 +65,27 @@ def run_demo(out_dir: str | os.PathLike = "out/demo", *, steps: int | None = Non
           f"{trainable:,d} trainable of {total:,d} parameters ({100 * trainable / total:.2f} %)")
 
     rows = [encode_chat(tokenizer, e.prompt, e.answer, hp["max_length"]) for e in train_set]
-    batches = iterate_batches(rows, hp["batch_size"], tokenizer.pad_token_id, seed=seed)
-    result = train(peft_model, batches, steps=steps, lr=hp["lr"], warmup=max(1, steps // 10), schedule="cosine")
+    after: list[str] = []
+
+    def heldout_exact_match(m) -> dict[str, float]:  # the loop's final evaluation; keeps the answers to show
+        after[:] = generate_texts(m, tokenizer, chats, max_new_tokens=hp["max_new_tokens"], batch_size=16)
+        return {"exact_match": _accuracy(after, answers)}
+
+    args = TrainArgs(output_dir=str(out_dir), steps=steps, batch_size=hp["batch_size"], lr=hp["lr"],
+                     warmup_steps=max(1, steps // 10), schedule="cosine", seed=seed)
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # every demo run trains from scratch
+    result = train(peft_model, rows, args=args, collate_fn=partial(collate, pad_id=tokenizer.pad_token_id),
+                   tokenizer=tokenizer, generation_eval=heldout_exact_match,
+                   data_summary=f"{len(rows)} chat rows of the invented badge task ({DEMO_TASK_DESCRIPTION}); "
+                                f"loss on the answer tokens only",
+                   command="peftlab demo")
     print(f"trained {steps} steps in {result.seconds:.0f} s; loss {result.losses[0]:.3f} → {result.losses[-1]:.3f}")
 
-    after = generate_answers(peft_model, tokenizer, prompts, max_new_tokens=hp["max_new_tokens"])
-    acc_after = accuracy(after, answers, exact_match)
+    acc_after = result.last_eval["exact_match"]
     _show("With the LoRA adapter:", prompts, after, answers)
 
     adapter_dir = out_dir / "adapter"
-    peft_model.save_pretrained(adapter_dir)
-    size_mb = sum(f.stat().st_size for f in adapter_dir.iterdir()) / 2**20
-    plot_losses(result.losses, out_dir / "loss.png")
+    size_mb = sum(f.stat().st_size for f in adapter_dir.iterdir() if f.name.startswith("adapter_")) / 2**20
 
     # Merge and check one layer against the formula W' = W + (alpha / r) · B A.
     path = "model.layers.0.self_attn.q_proj"
@@ -105,6 +103,6 @@ def run_demo(out_dir: str | os.PathLike = "out/demo", *, steps: int | None = Non
     print(f"trainable parameters: {100 * trainable / total:.2f} % ({trainable:,d})")
     print(f"adapter on disk: {size_mb:.2f} MB in {adapter_dir}")
     print(f"merge check on {path}: max |W_merged - (W + alpha/r·B@A)| = {merge_err:.2e}")
-    print(f"loss curve: {out_dir / 'loss.png'}")
+    print(f"loss curve: {out_dir / 'loss.png'}; model card: {out_dir / 'README.md'}")
     print(f"total time: {time.perf_counter() - t0:.0f} s — {'PASS' if ok else 'FAIL'}")
     return ok

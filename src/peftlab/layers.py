@@ -7,6 +7,11 @@ are plain functions over ``dict[str, Tensor]`` and never match parameter names b
 
 Mergeable methods implement :meth:`delta_weight`; :meth:`merge` and :meth:`unmerge` are generic
 on top of it and only ever run when called, never from ``.train()``/``.eval()``.
+
+A base module may store its weight compressed (:mod:`peftlab.quant`): it then offers
+``dequantize()`` (a dense copy) and ``quantize_like(dense)`` (the same compression of another
+module's weight). Merging cannot write into a compressed weight, so ``PeftModel`` swaps the dense
+copy in first (:meth:`AdapterLayer.dequantize_base`) and every merge writes into that.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ class AdapterLayer(nn.Module):
         # A plain attribute (not a submodule): every layer of a model shares one router.
         self._router = router
         self.merged: list[str] = []
+        # The compressed base while its dense copy stands in for merging (a submodule then).
+        self.quantized_base: nn.Module | None = None
 
     # -- what subclasses provide -----------------------------------------------------------
     def adapter_names(self) -> list[str]:
@@ -108,6 +115,32 @@ class AdapterLayer(nn.Module):
         weight = self.base_weight
         while self.merged:
             weight -= self.delta_weight(self.merged.pop()).to(weight.dtype)
+
+    # -- compressed bases ----------------------------------------------------------------------
+    def dequantize_base(self) -> None:
+        """Before merging: swap a compressed base module for its dense copy. No-op otherwise."""
+        base = self.base_layer
+        if not isinstance(base, AdapterLayer) and hasattr(base, "dequantize") and hasattr(base, "quantize_like"):
+            self.quantized_base = base
+            self.base_layer = base.dequantize()
+
+    def restore_base(self) -> None:
+        """After unmerging everything: put the compressed base back. Its codes never changed, so
+        the layer is exactly as before the merge."""
+        if self.quantized_base is not None and not self.merged:
+            self.base_layer, self.quantized_base = self.quantized_base, None
+
+    def requantize_base(self) -> float | None:
+        """Compress the merged dense weight the way the base was compressed (for unloading: the
+        merged adapters can no longer be unmerged). Returns the largest absolute weight change
+        this causes, or None when the base was not compressed."""
+        if self.quantized_base is None:
+            return None
+        dense = self.base_layer
+        requantized = self.quantized_base.quantize_like(dense)
+        error = (requantized.weight.float() - dense.weight.float()).abs().max().item()
+        self.base_layer, self.quantized_base = requantized, None
+        return error
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names()}, merged={self.merged}"

@@ -7,7 +7,9 @@ and never names a method.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -25,6 +27,7 @@ from .routing import BASE, Route, Router, RoutingError, check_adapter_name
 from .targeting import logical_modules, matches, physical_path, unwrap
 
 DEFAULT = "default"
+logger = logging.getLogger(__name__)
 _WRAPPER_SEGMENT = ".base_layer"
 
 
@@ -229,7 +232,11 @@ class PeftModel(nn.Module):
                 t.requires_grad_(name not in self._frozen_adapters)
 
     def trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, total) parameter counts; shared tensors counted once."""
+        """(trainable, total) parameter counts; shared tensors counted once.
+
+        A quantised base layer (:mod:`peftlab.quant`) keeps its weight as packed buffers; it counts
+        as the ``out_features × in_features`` weights it stands for.
+        """
         seen, trainable, total = set(), 0, 0
         for p in self.parameters():
             if id(p) in seen:
@@ -237,6 +244,8 @@ class PeftModel(nn.Module):
             seen.add(id(p))
             total += p.numel()
             trainable += p.numel() if p.requires_grad else 0
+        total += sum(m.in_features * m.out_features for m in self.modules()
+                     if isinstance(m, nn.Linear) and hasattr(m, "dequantize"))
         return trainable, total
 
     get_nb_trainable_parameters = trainable_parameters
@@ -298,11 +307,25 @@ class PeftModel(nn.Module):
         # ids back in front so the output looks the same with or without prompts.
         return torch.cat([ids.repeat_interleave(out.shape[0] // ids.shape[0], dim=0), out], dim=1)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Checkpoint the base model's layers; the recomputed forward sees the original route."""
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        **options: Any) -> None:
+        """Checkpoint the base model's layers; the recomputed forward sees the original route.
+
+        ``transformers.Trainer(activation_checkpointing=True)`` calls this name; were it missing here,
+        ``__getattr__`` would hand the call to the base model and the recomputation would lose the
+        route. ``options`` (``every_n_layers``, ``offload``) reach the base model as they are.
+        """
         kwargs = {"use_reentrant": False, "context_fn": self.router.checkpoint_context}
-        kwargs.update(gradient_checkpointing_kwargs or {})
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        kwargs.update(activation_checkpointing_kwargs or {})
+        # Newer transformers renamed gradient_checkpointing_enable (keeping it as a deprecated alias).
+        if hasattr(self.base_model, "activation_checkpointing_enable"):
+            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **options)
+        else:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **options)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **options: Any) -> None:
+        """The older name of :meth:`activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **options)
 
     # -- merging -----------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
@@ -320,16 +343,46 @@ class PeftModel(nn.Module):
                     f"adapter {name!r} ({method}) cannot be merged: {not_mergeable} add computation the base "
                     f"weights cannot express; keep it unmerged, or use a mergeable method such as LoRA"
                 )
+            self._untie(layers)
             for _, layer in layers:
+                layer.dequantize_base()  # a quantised base merges into its dense copy
                 layer.merge(name)
+
+    def _untie(self, layers: Sequence[tuple[str, AdapterLayer]]) -> None:
+        """Give each layer about to merge its own copy of a weight it shares with another module.
+
+        With tied embeddings (SmolLM2: ``embed_tokens.weight is lm_head.weight``) merging ΔW into
+        the shared tensor would change the other module too. The merged model is untied instead,
+        and its config says so, so ``tie_weights()`` or a reload does not tie it back.
+        """
+        holders = Counter(id(p) for m in self.base_model.modules() for p in m._parameters.values() if p is not None)
+        for _, layer in layers:
+            base = unwrap(layer.base_layer)
+            weight = getattr(base, "weight", None)
+            if isinstance(weight, nn.Parameter) and holders[id(weight)] > 1:
+                base.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+                config = getattr(self.base_model, "config", None)
+                if getattr(config, "tie_word_embeddings", False):
+                    config.tie_word_embeddings = False
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.adapter_layers():
             layer.unmerge()
+            layer.restore_base()
 
-    def merge_and_unload(self) -> nn.Module:
-        """Merge the active adapters and return the plain base model (no adapter layers left)."""
+    def merge_and_unload(self, requantize: bool = False) -> nn.Module:
+        """Merge the active adapters and return the plain base model (no adapter layers left).
+
+        On a quantised base (:mod:`peftlab.quant`) each merged layer is dequantised: it comes back
+        as a dense ``nn.Linear`` holding W + ΔW, or with ``requantize=True`` quantised again with
+        the base's scheme. The largest absolute weight change re-quantising causes is logged (INFO).
+        """
         self.merge_adapter()
+        if requantize:
+            errors = [e for _, layer in self.adapter_layers() if (e := layer.requantize_base()) is not None]
+            if errors:
+                logger.info("merge_and_unload: re-quantised %d merged layer(s); largest absolute weight change %.4g",
+                            len(errors), max(errors))
         return self.unload()
 
     def unload(self) -> nn.Module:
@@ -368,7 +421,7 @@ class PeftModel(nn.Module):
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = DEFAULT,
                         is_trainable: bool = False, allow_pickle: bool = False) -> "PeftModel":
         """Attach the adapter saved in ``model_id`` (a directory, either format) to ``model``."""
-        config, tensors = _read(model_id, allow_pickle)
+        config, tensors = read_adapter_dir(model_id, allow_pickle)
         peft_model = cls(model, config, adapter_name)
         try:
             peft_model._load_tensors(adapter_name, tensors, is_trainable)
@@ -380,7 +433,7 @@ class PeftModel(nn.Module):
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      allow_pickle: bool = False) -> None:
         """Attach one more saved adapter under ``adapter_name`` (not activated)."""
-        config, tensors = _read(model_id, allow_pickle)
+        config, tensors = read_adapter_dir(model_id, allow_pickle)
         self.add_adapter(adapter_name, config)
         try:
             self._load_tensors(adapter_name, tensors, is_trainable)
@@ -397,7 +450,8 @@ class PeftModel(nn.Module):
         self._update_trainable()
 
 
-def _read(model_id: str | os.PathLike, allow_pickle: bool) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+def read_adapter_dir(model_id: str | os.PathLike, allow_pickle: bool) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """The config and tensors of a saved adapter (ours or Hugging Face PEFT's files), not yet attached."""
     data, tensors = formats.read_adapter(model_id, allow_pickle=allow_pickle)
     try:
         config = hf_peft.config_from_hf(data) if hf_peft.is_hf_config(data) else AdapterConfig.from_dict(data)

@@ -41,6 +41,12 @@ def _lora(arch: str, variant: int) -> AdapterConfig:
     return LoraConfig(r=4 + 2 * variant, lora_alpha=8, target_modules=targets, init_lora_weights=False)
 
 
+def _dora(arch: str, variant: int) -> AdapterConfig:
+    # LoRA's targets (embeddings included in variant 1). The magnitude starts at the norm, so f = 1
+    # at init; tests/methods/test_lora.py checks merging and mixed rows with f ≠ 1.
+    return _lora(arch, variant).replace(use_dora=True)
+
+
 def _bottleneck(arch: str, variant: int) -> AdapterConfig:
     if variant == 0:
         return BottleneckConfig(variant="houlsby", bottleneck=8, init="random")
@@ -74,20 +80,25 @@ CASES: dict[str, Case] = {
     "ia3": Case(make=_ia3, mergeable=True, init_config=lambda arch: IA3Config(), learning_rate=0.3),
     "loha": Case(make=_loha, mergeable=True, init_config=lambda arch: LoHaConfig(r=2, target_modules="all-linear")),
     "lora": Case(make=_lora, mergeable=True, init_config=lambda arch: LoraConfig(r=4, target_modules="all-linear")),
-    # Different lengths and both parametrisations, so mixed batches exercise unused prefix slots.
-    # Not on t5: encoder-decoder prefixes are refused (tests/methods/test_prefix.py).
-    "prefix": Case(make=lambda arch, v: PrefixTuningConfig(num_virtual_tokens=3 + v, prefix_projection=v == 0),
-                   archs=("llama", "gpt2", "bert")),
+    "dora": Case(make=_dora, mergeable=True,
+                 init_config=lambda arch: LoraConfig(r=4, target_modules="all-linear", use_dora=True)),
+    # Different lengths and both parametrisations (prefix tuning, P-tuning v2), so mixed batches
+    # exercise unused prefix slots. On t5 the prefixes enter the decoder (tests/methods/test_prefix.py).
+    "prefix": Case(make=lambda arch, v: PrefixTuningConfig(num_virtual_tokens=3 + v, prefix_projection=v == 0)),
     # Different lengths per variant, so mixed batches exercise the unused prompt slots.
     "prompt": Case(make=lambda arch, v: PromptTuningConfig(num_virtual_tokens=3 + v), learning_rate=0.3,
                    learn_config=lambda arch: PromptTuningConfig(num_virtual_tokens=20)),
     # Both encoders, different lengths; the MLP one with a hidden width other than d.
     "ptuning": Case(make=lambda arch, v: PTuningConfig(num_virtual_tokens=3 + v, encoder=("mlp", "lstm")[v],
-                                                       encoder_hidden_size=(16, None)[v])),
+                                                       encoder_hidden_size=(16, None)[v]),
+                    # 3 virtual tokens level off near the learning test's bar (loss x 0.6 in 30 steps).
+                    learn_config=lambda arch: PTuningConfig(num_virtual_tokens=8)),
     # Rows of one batch use different tasks; the variants differ in length, task count and rank.
     "multitask": Case(make=lambda arch, v: MultitaskPromptConfig(num_virtual_tokens=3 + v, num_tasks=2 + v,
                                                                  num_ranks=1 + v),
-                      extra_inputs=lambda batch: {"task_ids": torch.arange(batch) % 2}),
+                      extra_inputs=lambda batch: {"task_ids": torch.arange(batch) % 2},
+                      # 3 virtual tokens level off near the learning test's bar (loss x 0.6 in 30 steps).
+                      learn_config=lambda arch: MultitaskPromptConfig(num_virtual_tokens=20, num_tasks=2)),
     # Non-zero gates so the adapter acts (zero-init is the identity, checked by init_config; a large
     # g because tiny BERT's classifier barely reacts); the variants differ in length, layer count
     # and gate form (scalar g vs tanh of per-head gates).

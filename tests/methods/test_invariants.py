@@ -225,8 +225,9 @@ def test_learns_a_synthetic_task(method):
     """Thirty steps lower the loss clearly: every label is token 7, whatever the text, so
     only the adapter can steer the frozen model there. The tiny head is scaled up (at init scale
     0.02 its logits are near-uniform whatever the hidden state)."""
+    from peftlab.data import collate
     from peftlab.models import tiny
-    from peftlab.train import train
+    from peftlab.train import TrainArgs, train
 
     torch.manual_seed(0)
     base = tiny("llama", "causal-lm", seed=0)
@@ -235,14 +236,13 @@ def test_learns_a_synthetic_task(method):
     case = CASES[method]
     make = case.learn_config or case.init_config or (lambda arch: case.make(arch, 0))
     model = get_peft_model(base, make("llama"))
-    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 50, (240, 10), generator=torch.Generator().manual_seed(0)).tolist()
+    rows = [{"input_ids": row, "labels": [7] * 10} for row in ids]  # 30 steps of 8 rows, each row once
 
-    def batches():
-        while True:
-            ids = torch.randint(3, 50, (8, 10), generator=g)
-            yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, 7),
-                   **extra_inputs(model, 8)}
+    def collate_fn(batch):
+        return {**collate(batch, pad_id=0), **extra_inputs(model, len(batch))}
 
-    losses = train(model, batches(), steps=30, lr=case.learning_rate, progress=False).losses
+    args = TrainArgs(steps=30, batch_size=8, lr=case.learning_rate, progress=False)
+    losses = train(model, rows, args=args, collate_fn=collate_fn).losses
     last = sum(losses[-5:]) / 5
     assert last < 0.6 * losses[0], f"{method}: loss did not fall clearly: {losses[0]:.3f} -> {last:.3f}"

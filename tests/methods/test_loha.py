@@ -9,7 +9,7 @@ import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
 from peftlab import BASE, ConfigError, LoHaConfig, LoraConfig, get_peft_model
-from peftlab.methods.loha import choose_forward_mode, col_khatri_rao, row_khatri_rao
+from peftlab.methods.loha import FactoredDelta, choose_forward_mode, col_khatri_rao, row_khatri_rao
 
 
 class Toy(nn.Module):
@@ -63,6 +63,78 @@ def test_khatri_rao_identity(shape):
     torch.testing.assert_close(U[2], torch.kron(w1a[2], w2a[2]))  # row i = kron of rows
     torch.testing.assert_close(V[:, 1], torch.kron(w1b[:, 1], w2b[:, 1]))  # column j = kron of columns
     torch.testing.assert_close(U @ V, (w1a @ w1b) * (w2a @ w2b), atol=1e-12, rtol=1e-12)
+
+
+def _factors(d_out, r, d_in, dtype, seed):
+    """W1a, W1b, W2a, W2b with unit-scale products, as leaf tensors that want gradients."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = ((d_out, r), (r, d_in), (d_out, r), (r, d_in))
+    return [(torch.randn(s, generator=g, dtype=dtype) / math.sqrt(s[1])).requires_grad_() for s in shapes]
+
+
+# (tokens, d_in, d_out, r): r² < min(d) (the case the factored route is for), r² > min(d), one token.
+@pytest.mark.parametrize("n,d_in,d_out,r", [(13, 40, 24, 3), (7, 9, 16, 4), (1, 30, 11, 2)])
+def test_factored_delta_matches_dense_reference(n, d_in, d_out, r):
+    """FactoredDelta's output and the gradients of x and all four factors, in float32, equal autograd
+    through the dense ΔW = (W1a W1b) ⊙ (W2a W2b) · s computed in float64."""
+    s = 1.7
+    ws = _factors(d_out, r, d_in, torch.float32, seed=n)
+    x = torch.randn(n, d_in, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    grad_out = torch.randn(n, d_out, generator=torch.Generator().manual_seed(2))
+    y = FactoredDelta.apply(x, *ws, s)
+    grads = torch.autograd.grad(y, [x, *ws], grad_out)
+
+    x64, *ws64 = (t.detach().double().requires_grad_() for t in (x, *ws))
+    w1a, w1b, w2a, w2b = ws64
+    y_ref = x64 @ ((w1a @ w1b) * (w2a @ w2b) * s).T
+    grads_ref = torch.autograd.grad(y_ref, [x64, *ws64], grad_out.double())
+    torch.testing.assert_close(y, y_ref.float(), atol=1e-5, rtol=1e-5)
+    for name, got, want in zip(("x", "W1a", "W1b", "W2a", "W2b"), grads, grads_ref):
+        assert got.shape == want.shape, name
+        torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("n,d_in,d_out,r", [(5, 7, 6, 2), (3, 4, 9, 3)])
+def test_factored_delta_gradcheck(n, d_in, d_out, r):
+    x = torch.randn(n, d_in, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *w: FactoredDelta.apply(x, *w, 0.7),
+                                    (x, *_factors(d_out, r, d_in, torch.float64, seed=0)))
+
+
+def test_factored_route_keeps_only_x_and_h_for_backward():
+    """The point of FactoredDelta: neither U (d_out × r²) nor V (r² × d_in) waits for backward, only
+    h = x Vᵀ (tokens × r²) besides x and the weights."""
+    model = get_peft_model(nn.Sequential(nn.Linear(64, 96)), LoHaConfig(r=4, target_modules=["0"],
+                                                                       forward_mode="factored"))
+    x = torch.randn(2, 10, 64, requires_grad=True)  # a layer inside the network
+    kept = {x.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    extra = [nbytes for ptr, nbytes in saved.items() if ptr not in kept]
+    assert extra == [2 * 10 * 4 ** 2 * 4]  # h: 20 tokens × r² = 16, float32
+
+
+def test_factored_route_under_autocast():
+    """bf16 autocast (CPU here, CUDA in training): the backward runs its GEMMs in the forward's
+    dtype — without that, g (bf16) @ U (fp32) fails — and lands near the fp32 gradients."""
+    def run(autocast):
+        torch.manual_seed(0)
+        model = get_peft_model(nn.Sequential(nn.Linear(64, 48)), LoHaConfig(r=3, target_modules=["0"],
+                                                                           init_weights=False, forward_mode="factored"))
+        x = torch.randn(4, 8, 64, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model(x).float().pow(2).sum().backward()
+        return [x.grad] + [t.grad for t in model.adapter_state_dict().values()]
+
+    for got, want in zip(run(True), run(False)):
+        assert got.dtype == torch.float32
+        assert (got - want).norm() < 2e-2 * want.norm()  # bf16 keeps ~3 significant digits
 
 
 def _outputs_and_grads(mode, x, rows=None):

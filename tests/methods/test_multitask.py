@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from peftlab import AdapterLoadError, ConfigError, MultitaskPromptConfig, PromptTuningConfig, get_peft_model
+from peftlab.data import collate
 from peftlab.formats import read_adapter
 from peftlab.models import tiny
-from peftlab.train import train
+from peftlab.train import TrainArgs, train
 
 
 def adapter_of(model, name="default"):
@@ -184,15 +185,15 @@ def test_init_errors(tmp_path):
                                                             init_adapter_path=str(tmp_path / "missing")))
 
 
-def two_task_batches(seed=0, swap=False):
-    # Task 0: always predict token 7; task 1: always 9. Half the rows of each batch are each task.
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        ids = torch.randint(3, 50, (8, 10), generator=g)
-        task = torch.arange(8) % 2
-        labels = torch.where(task == 0, 7, 9).unsqueeze(1).expand(-1, 10).clone()
-        yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
-               "task_ids": 1 - task if swap else task}
+def two_task_rows(n, seed=0):
+    # Task 0: always predict token 7; task 1: always 9. Rows alternate between the tasks.
+    ids = torch.randint(3, 50, (n, 10), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [{"input_ids": row, "labels": [(7, 9)[i % 2]] * 10, "task_ids": i % 2} for i, row in enumerate(ids)]
+
+
+def collate_tasks(rows, swap=False):
+    task_ids = torch.tensor([1 - r["task_ids"] if swap else r["task_ids"] for r in rows])
+    return {**collate(rows, pad_id=0), "task_ids": task_ids}
 
 
 def test_multitask_learns_two_tasks():
@@ -201,10 +202,11 @@ def test_multitask_learns_two_tasks():
     with torch.no_grad():
         base.lm_head.weight.mul_(10)  # a head that can express a confident prediction (see test_ptuning.py)
     model = get_peft_model(base, MultitaskPromptConfig(num_virtual_tokens=4, num_tasks=2))
-    losses = train(model, two_task_batches(), steps=30, lr=0.1, progress=False).losses
+    args = TrainArgs(steps=30, batch_size=8, lr=0.1, progress=False)
+    losses = train(model, two_task_rows(240), args=args, collate_fn=collate_tasks).losses
     last = sum(losses[-5:]) / 5
     assert last < 0.7 * losses[0], f"loss did not fall clearly: {losses[0]:.3f} -> {last:.3f}"
     with torch.no_grad():  # the tasks learned different prompts: swapping the ids hurts
-        right = model(**next(two_task_batches(seed=1))).loss
-        swapped = model(**next(two_task_batches(seed=1, swap=True))).loss
+        right = model(**collate_tasks(two_task_rows(8, seed=1))).loss
+        swapped = model(**collate_tasks(two_task_rows(8, seed=1), swap=True)).loss
     assert swapped > right + 1.0, (right.item(), swapped.item())

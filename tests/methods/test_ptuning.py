@@ -4,14 +4,17 @@ Parity with Hugging Face PEFT is in tests/formats/test_hf_peft_ptuning_multitask
 invariants (mixed batches, save/load, gradients) in tests/methods/test_invariants.py.
 """
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from peftlab import AdapterLoadError, ConfigError, PeftModel, PTuningConfig, get_peft_model
+from peftlab.data import collate
 from peftlab.formats import read_adapter, write_adapter
 from peftlab.models import tiny
-from peftlab.train import train
+from peftlab.train import TrainArgs, train
 
 
 def encoder_of(model, name="default"):
@@ -151,12 +154,10 @@ def test_config_errors():
         model.save_pretrained("/nonexistent", format="peft")
 
 
-def constant_target_batches(seed=0):
+def constant_target_rows(n=240, seed=0):
     # Whatever the text, predict token 7: only the virtual tokens can steer the frozen model there.
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        ids = torch.randint(3, 50, (8, 10), generator=g)
-        yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, 7)}
+    ids = torch.randint(3, 50, (n, 10), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [{"input_ids": row, "labels": [7] * 10} for row in ids]
 
 
 def sharp_llama():
@@ -171,7 +172,9 @@ def sharp_llama():
 @pytest.mark.parametrize("encoder", ["mlp", "lstm"])
 def test_ptuning_learns_a_synthetic_task(encoder):
     torch.manual_seed(0)
-    model = get_peft_model(sharp_llama(), PTuningConfig(num_virtual_tokens=4, encoder=encoder))
-    losses = train(model, constant_target_batches(), steps=30, lr=3e-2, progress=False).losses
+    # 8 virtual tokens: with 4 the loss levels off near the bar (x 0.6 in 30 steps).
+    model = get_peft_model(sharp_llama(), PTuningConfig(num_virtual_tokens=8, encoder=encoder))
+    args = TrainArgs(steps=30, batch_size=8, lr=3e-2, progress=False)
+    losses = train(model, constant_target_rows(), args=args, collate_fn=partial(collate, pad_id=0)).losses
     last = sum(losses[-5:]) / 5
     assert last < 0.6 * losses[0], f"loss did not fall clearly: {losses[0]:.3f} -> {last:.3f}"

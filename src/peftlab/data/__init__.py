@@ -1,5 +1,12 @@
-"""Data: chat templates, completion-only labels, batching, and the built-in demo task."""
+"""Data: rows from files and datasets, validation and tokenization, padding, the demo task.
 
-from .chat import Batch, collate, encode_chat, iterate_batches
+``read_records`` (sources.py) yields ``(where, row)`` pairs; ``encode_records`` (encode.py) turns
+them into token ids and labels; ``collate`` (chat.py) pads a batch.
+"""
 
-__all__ = ["Batch", "collate", "encode_chat", "iterate_batches"]
+from .chat import IGNORE, Batch, collate, encode_chat, iterate_batches, render_chat
+from .encode import KINDS, EncodedData, detect_kind, encode_records
+from .sources import DataError, read_records
+
+__all__ = ["IGNORE", "KINDS", "Batch", "DataError", "EncodedData", "collate", "detect_kind", "encode_chat",
+           "encode_records", "iterate_batches", "read_records", "render_chat"]

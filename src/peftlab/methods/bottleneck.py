@@ -43,6 +43,7 @@ the parallel adapter of a post-LN block, without copying any model code.
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -168,7 +169,9 @@ class BottleneckLayer(AdapterLayer):
                 f"bottleneck size for adapter {name!r} is {self.out_features} // reduction_factor="
                 f"{config.reduction_factor} = {m}; use reduction_factor <= {self.out_features} or set bottleneck"
             )
-        ref = next(unwrap(self.base_layer).parameters())  # blocks have no .weight; any base tensor will do
+        # Blocks have no .weight; any base tensor will do (a quantised block may hold only buffers).
+        base = unwrap(self.base_layer)
+        ref = next(itertools.chain(base.parameters(), base.buffers()))
         dtype = ref.dtype if ref.is_floating_point() else torch.float32
         down = nn.Linear(self.in_features, m, device=ref.device, dtype=dtype)  # nn.Linear's default init
         up = nn.Linear(m, self.out_features, device=ref.device, dtype=dtype)

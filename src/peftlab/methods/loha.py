@@ -14,6 +14,10 @@ Two ways to apply it, picked per forward by a FLOP estimate (:func:`choose_forwa
   ⊙r the row-wise Kronecker product ((d_out, r), (d_out, r) → (d_out, r²)) and ⊙c the column-wise
   one ((r, d_in), (r, d_in) → (r², d_in)), so ΔW x = U (V x) and no d_out × d_in matrix exists.
   It is cheaper when r² is small next to the layer's widths and the batch holds many tokens.
+  V x itself does not factor further: it is vec(W1b diag(x) W2bᵀ), an r × r matrix of rank up to r,
+  not the Kronecker product (W1b x) ⊗ (W2b x) (rank 1), so x Vᵀ (2·r²·d_in FLOPs a token) is the
+  cheapest way in. The route's backward (:class:`FactoredDelta`) keeps only x and h = x Vᵀ (N × r²), rebuilds U and V, and
+  maps dU, dV straight onto the four factors.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ..config import AdapterConfig, ConfigError, HFMapping, register
 from ..formats.hf_peft import target_fields_from_hf, target_fields_to_hf
@@ -78,6 +83,42 @@ def row_khatri_rao(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def col_khatri_rao(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Khatri–Rao product: (p, d), (q, d) → (p·q, d), column j = kron(a[:, j], b[:, j])."""
     return (a.unsqueeze(-2) * b.unsqueeze(-3)).flatten(-3, -2)
+
+
+class FactoredDelta(torch.autograd.Function):
+    """ΔW x on the factored route: x (N, d_in), W1a, W2a (d_out, r), W1b, W2b (r, d_in) → (N, d_out).
+
+    Forward: h = s · x Vᵀ (N, r²), then h Uᵀ. Backward, with g = ∂L/∂y (N, d_out) and
+    t = s · g U (N, r²) = ∂L/∂(x Vᵀ):  dx = t V,  dU = gᵀ h (d_out, r²),  dV = tᵀ x (r², d_in),
+    and through U[i, (a, b)] = W1a[i, a] W2a[i, b], V[(a, b), j] = W1b[a, j] W2b[b, j]:
+    dW1a[i, a] = Σ_b dU[i, a, b] W2a[i, b], dW2a[i, b] = Σ_a dU[i, a, b] W1a[i, a], and likewise for
+    W1b, W2b with dV. Autograd through the plain expression does the same GEMMs but keeps U and V
+    (d × r² each) alive until backward; here only x and h are kept (U, V cost d·r² to rebuild).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1a, w1b, w2a, w2b, scaling: float):
+        # Under autocast the GEMMs below run in the autocast dtype; backward must run the same way.
+        device = x.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        h = (x @ col_khatri_rao(w1b, w2b).T).mul_(scaling)  # (N, r²): scale the smallest tensor
+        ctx.save_for_backward(x, h, w1a, w1b, w2a, w2b)
+        ctx.scaling = scaling
+        return h @ row_khatri_rao(w1a, w2a).T  # (N, d_out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x, h, w1a, w1b, w2a, w2b = ctx.saved_tensors
+        device, dtype, enabled = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            r = w1a.shape[1]
+            t = (g @ row_khatri_rao(w1a, w2a)).mul_(ctx.scaling)  # (N, r²)
+            dU = (g.T @ h).view(-1, r, r)  # (d_out, r, r)
+            dV = (t.T @ x).view(r, r, -1)  # (r, r, d_in)
+            dx = t @ col_khatri_rao(w1b, w2b) if ctx.needs_input_grad[0] else None
+            return (dx, torch.einsum("iab,ib->ia", dU, w2a), torch.einsum("abj,bj->aj", dV, w2b),
+                    torch.einsum("iab,ia->ib", dU, w1a), torch.einsum("abj,aj->bj", dV, w1b), None)
 
 
 def choose_forward_mode(d_in: int, d_out: int, r: int, tokens: int, n_adapters: int = 1) -> str:
@@ -179,8 +220,9 @@ class LoHaLayer(AdapterLayer):
         """ΔW x for one adapter on every row, (..., d_out)."""
         x = x.to(self.hada_w1_a[name].dtype)
         if self.mode_for([name], x.numel() // self.in_features) == "factored":
-            U, V = self.factors(name)
-            return (x @ V.T) @ U.T  # (..., r²) then (..., d_out)
+            w1a, w1b, w2a, w2b = (getattr(self, key)[name] for key in _FACTORS)
+            out = FactoredDelta.apply(x.reshape(-1, self.in_features), w1a, w1b, w2a, w2b, self.scaling[name])
+            return out.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.delta(name))
 
     def _mixed_delta(self, x: torch.Tensor, route: Route) -> torch.Tensor | None:

@@ -9,6 +9,18 @@ rsLoRA (Kalajdzievski 2023, https://arxiv.org/abs/2312.03732) the scale is alpha
 ΔW = (alpha / r) · B A merges into W for deployment.
 
 Embeddings use A: (r, num_embeddings), B: (dim, r): the row lookup of Aᵀ replaces ``A x``.
+
+DoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353; ``use_dora=True``) splits the adapted
+weight into a trained magnitude m (d_out,) and a direction:
+
+    W' = m ⊙ (W + s·B A) / ‖W + s·B A‖,      ‖·‖ over d_in, one value per output feature
+
+so h = f ⊙ (W x + s·B A x) + bias with f = m / ‖W + s·B A‖ (d_out,). m starts at that norm, so f = 1
+and the start is plain LoRA's. As in the paper (§4.3) and Hugging Face PEFT, the norm is detached:
+a constant in backward. The norm needs the full s·B A (d_out × d_in) of each DoRA adapter a forward
+touches, once per layer per forward: ~2·r·d_in·d_out extra FLOPs and one d_out × d_in temporary.
+Like PEFT, a DoRA adapter stacked after others scales the output so far: f ⊙ (y − bias) + bias +
+f ⊙ s·B A x. Mixed batches gather each row's f (ones for plain-LoRA and ``__base__`` rows).
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import ops
 from ..config import AdapterConfig, ConfigError, HFMapping, register
 from ..formats.hf_peft import target_fields_from_hf, target_fields_to_hf
 from ..layers import AdapterLayer, linear_features
@@ -49,6 +62,10 @@ class LoraConfig(TargetFields, AdapterConfig):
     (the adapter changes the output from the start — for tests)."""
     fan_in_fan_out: bool = False
     """Recorded for Hugging Face PEFT; GPT-2's Conv1D layout is detected from the module itself."""
+    use_dora: bool = False
+    """DoRA: also train a magnitude per output feature, applied to the normalised W + s·B A (see the
+    module docstring). Mergeable, and per-row routable, like plain LoRA; costs one d_out × d_in
+    product per adapter and layer per forward."""
 
     def validate(self) -> None:
         self.validate_targets()
@@ -64,6 +81,8 @@ class LoraConfig(TargetFields, AdapterConfig):
             raise ConfigError(
                 f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
             )
+        if not isinstance(self.use_dora, bool):
+            raise ConfigError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
 
     @property
     def scaling(self) -> float:
@@ -71,10 +90,11 @@ class LoraConfig(TargetFields, AdapterConfig):
 
 
 class LoraLayer(AdapterLayer):
-    """LoRA on one ``nn.Linear``, GPT-2 ``Conv1D`` or ``nn.Embedding``.
+    """LoRA (and DoRA) on one ``nn.Linear``, GPT-2 ``Conv1D`` or ``nn.Embedding``.
 
     Per adapter: ``lora_A[name]`` and ``lora_B[name]``, stored (r, d_in) and (d_out, r) for
     linear layers — the ``nn.Linear`` weight layout — and (r, vocab), (dim, r) for embeddings.
+    DoRA adapters add ``magnitude[name]`` (d_out,) — (dim,) for embeddings.
     """
 
     mergeable = True
@@ -86,13 +106,20 @@ class LoraLayer(AdapterLayer):
         self.in_features, self.out_features = linear_features(base)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.magnitude = nn.ParameterDict()
         self.scaling: dict[str, float] = {}
         self.dropout_p: dict[str, float] = {}
+        # DoRA adapters while merged: the factor f they were merged with (unmerging divides by it;
+        # it cannot be recomputed from the merged weight).
+        self._merged_factor: dict[str, torch.Tensor] = {}
+        # Mixed batches: the last stack of frozen adapters, reused until they change.
+        self._stacks = ops.StackCache()
 
     def adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
 
     def add(self, name: str, config: LoraConfig) -> None:
+        self._stacks.clear()
         weight = self.base_weight
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         A = torch.empty(config.r, self.in_features, dtype=dtype, device=weight.device)
@@ -109,22 +136,94 @@ class LoraLayer(AdapterLayer):
         self.lora_B[name] = nn.Parameter(B)
         self.scaling[name] = config.scaling
         self.dropout_p[name] = config.lora_dropout
+        if config.use_dora:
+            # m = ‖W + s·B A‖ per output feature, so the adapter starts with f = 1.
+            with torch.no_grad():
+                norm = torch.linalg.norm(self._logical(weight).to(dtype) + self._lora_weight(name), dim=1)
+            self.magnitude[name] = nn.Parameter(norm)
 
     def delete(self, name: str) -> None:
+        self._stacks.clear()
         for d in (self.lora_A, self.lora_B):
             del d[name]
+        if name in self.magnitude:
+            del self.magnitude[name]
         del self.scaling[name], self.dropout_p[name]
 
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
         # Key names follow Hugging Face PEFT's on-disk layout, so its files map 1:1.
         if self.is_embedding:
-            return {"lora_embedding_A": self.lora_A[name], "lora_embedding_B": self.lora_B[name]}
-        return {"lora_A.weight": self.lora_A[name], "lora_B.weight": self.lora_B[name]}
+            state = {"lora_embedding_A": self.lora_A[name], "lora_embedding_B": self.lora_B[name]}
+        else:
+            state = {"lora_A.weight": self.lora_A[name], "lora_B.weight": self.lora_B[name]}
+        if name in self.magnitude:
+            state["lora_magnitude_vector"] = self.magnitude[name]
+        return state
+
+    # -- weights and merging -----------------------------------------------------------------------
+    def _logical(self, weight: torch.Tensor) -> torch.Tensor:
+        """A base-layout weight seen as (d_out, d_in), or back: nn.Embedding stores (vocab, dim) and
+        Conv1D (in, out), both the transpose (a view, so writes reach the original)."""
+        return weight.T if (self.is_embedding or self.is_conv1d) else weight
+
+    def _lora_weight(self, name: str) -> torch.Tensor:
+        """s·B A, (d_out, d_in)."""
+        return (self.lora_B[name] @ self.lora_A[name]) * self.scaling[name]
+
+    def _dora_factor(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """f = m / ‖W + s·B A‖ per output feature, (d_out,); ``weight`` is W as (d_out, d_in), by
+        default the current base weight. The norm is a constant for autograd (DoRA §4.3):
+        gradients reach m through f, and A, B only through the s·B A x the caller multiplies by f."""
+        m = self.magnitude[name]
+        weight = self._logical(self.base_weight) if weight is None else weight
+        norm = torch.linalg.norm(weight.to(m.dtype) + self._lora_weight(name).detach(), dim=1)
+        return m / norm.detach()
+
+    def _unmerged_weight(self) -> torch.Tensor:
+        """The base weight, (d_out, d_in), with every merged adapter taken out again (a copy)."""
+        weight = self._logical(self.base_weight).detach().clone()
+        for name in reversed(self.merged):
+            f = self._merged_factor.get(name)
+            weight = (weight if f is None else weight / f[:, None]) - self._lora_weight(name).detach()
+        return weight
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        delta = (self.lora_B[name] @ self.lora_A[name]) * self.scaling[name]  # (d_out, d_in)
-        # nn.Embedding stores (vocab, dim) and Conv1D (in, out): both the transpose.
-        return delta.T if (self.is_embedding or self.is_conv1d) else delta
+        """ΔW with W + ΔW the adapted weight, W the unmerged base weight; base layout.
+        DoRA: ΔW = f ⊙ (W + s·B A) − W."""
+        delta = self._lora_weight(name)
+        if name in self.magnitude:
+            weight = self._unmerged_weight()
+            f = self._merged_factor.get(name)
+            f = self._dora_factor(name, weight) if f is None else f
+            delta = f[:, None] * (weight + delta) - weight
+        return self._logical(delta)
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """W ← W + s·B A, or DoRA's W ← f ⊙ (W + s·B A) with f from the unmerged W (so merging
+        after other adapters gives the stacked forward). Merging twice is a no-op. Replaces the
+        generic add-ΔW merge: DoRA's is a row scaling, undone by dividing by the same f."""
+        if name in self.merged or name not in self.lora_A:
+            return
+        self._check_merge_target()
+        weight = self._logical(self.base_weight)
+        merged = weight + self._lora_weight(name).to(weight.dtype)
+        if name in self.magnitude:
+            f = self._dora_factor(name, self._unmerged_weight())
+            self._merged_factor[name] = f
+            merged = f[:, None].to(weight.dtype) * merged
+        weight.copy_(merged)
+        self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo every merge, last merged first."""
+        weight = self._logical(self.base_weight)
+        while self.merged:
+            name = self.merged.pop()
+            f = self._merged_factor.pop(name, None)
+            restored = weight if f is None else weight / f[:, None].to(weight.dtype)
+            weight.copy_(restored - self._lora_weight(name).to(weight.dtype))
 
     # -- forward -------------------------------------------------------------------------------
     def _project_in(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
@@ -142,62 +241,70 @@ class LoraLayer(AdapterLayer):
         x = x.to(A.dtype)
         return F.dropout(x, p, self.training) if p > 0 else x
 
+    def _dora_base(self, result: torch.Tensor, x_drop: torch.Tensor | None) -> torch.Tensor:
+        """DoRA's W x term, as Hugging Face PEFT takes it: the layer's output so far minus the bias
+        or, when dropout is active, W x̃ of the dropped-out input (the direction sees x̃ throughout)."""
+        if x_drop is not None:
+            return F.linear(x_drop, self._logical(self.base_weight).to(x_drop.dtype))
+        return result if self.bias is None else result - self.bias
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         route = self.route
         if route.is_mixed:
-            return result + self._mixed_delta(x, route).to(result.dtype)
+            return self._mixed_forward(x, result, route)
         for name in route.active:
             if name in self.lora_A and name not in self.merged:
                 A, B = self.lora_A[name], self.lora_B[name]
-                h = self._project_in(self._adapter_input(x, A, self.dropout_p[name]), A)
-                result = result + ((h @ B.T) * self.scaling[name]).to(result.dtype)
+                x_a = self._adapter_input(x, A, self.dropout_p[name])
+                if name not in self.magnitude and not self.is_embedding:
+                    # result + s·(x Aᵀ) Bᵀ as one addmm (in place when no gradient is needed)
+                    result = ops.add_low_rank(result, x_a, A, B, self.scaling[name])
+                    continue
+                delta = (self._project_in(x_a, A) @ B.T) * self.scaling[name]
+                if name in self.magnitude:
+                    # f ⊙ (W x + s·B A x) − W x, added on top of the output so far.
+                    dropped = self.training and self.dropout_p[name] > 0 and not self.is_embedding
+                    f = self._dora_factor(name)
+                    delta = (f - 1) * self._dora_base(result, x_a if dropped else None) + f * delta
+                result = result + delta.to(result.dtype)
         return result
 
-    def _mixed_delta(self, x: torch.Tensor, route: Route) -> torch.Tensor:
-        """Each row with its own adapter: gather A/B per row once, then two batched matmuls.
-
-        Adapters of different rank are zero-padded to the largest rank (zeros add nothing).
-        Rows whose adapter is not on this layer, and ``__base__`` rows, use a zero slot.
+    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor, route: Route) -> torch.Tensor:
+        """Each row with its own adapter: :func:`peftlab.ops.low_rank_rows` over the adapters
+        stacked in ``route.names`` order (ranks zero-padded; names not on this layer, and the final
+        ``__base__`` slot, are zeros). Frozen adapters' stack is cached until they change
+        (:class:`peftlab.ops.StackCache`). DoRA rows are then scaled by their adapter's f (ones for
+        the other rows).
         """
         names = route.names
+        stack = self._stacks.lookup(names)
+        if stack is None:
+            mine = [n for n in names if n in self.lora_A]
+            if not mine:
+                return result
+            stack = ops.stack_low_rank([(self.lora_A[n], self.lora_B[n], self.scaling[n]) if n in self.lora_A
+                                        else None for n in names])  # A (S, r, d_in), B (S, r, d_out)
+            self._stacks.store(names, [t for n in mine for t in (self.lora_A[n], self.lora_B[n])], stack)
         idx = route.index(x.device)  # (B,)
-        r_max = max((self.lora_A[n].shape[0] for n in names if n in self.lora_A), default=0)
-        ref = next(iter(self.lora_A.values()))
-        if r_max == 0:
-            return torch.zeros((), dtype=ref.dtype, device=ref.device)
 
-        def stack(params: nn.ParameterDict, shape_of, pad_dim: int) -> torch.Tensor:
-            slots = []
-            for n in names:
-                if n in params:
-                    t = params[n]
-                    pad = r_max - t.shape[pad_dim]
-                    slots.append(F.pad(t, (0, pad) if pad_dim == 1 else (0, 0, 0, pad)) if pad else t)
-                else:
-                    slots.append(ref.new_zeros(shape_of))
-            slots.append(ref.new_zeros(shape_of))  # the __base__ slot
-            return torch.stack(slots)
+        x_drop = None
+        if self.training and not self.is_embedding and any(self.dropout_p.get(n, 0.0) > 0 for n in names):
+            x = x.to(stack.A.dtype)
+            p = stack.A.new_tensor([self.dropout_p.get(n, 0.0) for n in names] + [0.0])[idx]  # (B,)
+            view = (-1,) + (1,) * (x.dim() - 1)
+            keep = (torch.rand_like(x) >= p.view(view)).to(x.dtype)
+            x = x_drop = x * keep / (1 - p).view(view)
 
-        A_all = stack(self.lora_A, (r_max, self.in_features), 0)  # (n+1, r, d_in)
-        B_all = stack(self.lora_B, (self.out_features, r_max), 1)  # (n+1, d_out, r)
-        scale = ref.new_tensor([self.scaling.get(n, 0.0) for n in names] + [0.0])[idx]  # (B,)
-
-        if self.is_embedding:
-            h = A_all.transpose(1, 2)[idx[:, None], x]  # (B, T, r): row lookup in each row's Aᵀ
-        else:
-            x = x.to(ref.dtype)
-            p = ref.new_tensor([self.dropout_p.get(n, 0.0) for n in names] + [0.0])[idx]
-            if self.training and bool((p > 0).any()):
-                view = (-1,) + (1,) * (x.dim() - 1)
-                keep = (torch.rand_like(x) >= p.view(view)).to(x.dtype)
-                x = x * keep / (1 - p).view(view)
-            squeeze = x.dim() == 2  # (B, d_in): one token per row
-            x3 = x.unsqueeze(1) if squeeze else x.reshape(x.shape[0], -1, x.shape[-1])
-            h = torch.bmm(x3, A_all[idx].transpose(1, 2))  # (B, T, r)
-        out = torch.bmm(h.reshape(h.shape[0], -1, r_max), B_all[idx].transpose(1, 2))  # (B, T, d_out)
-        out = out * scale.view(-1, 1, 1)
-        return out.reshape(*x.shape[:-1], self.out_features) if not self.is_embedding else out
+        if not (self.magnitude and any(n in self.magnitude for n in names)):
+            return ops.low_rank_rows(x, stack, idx, out=result)
+        delta = ops.low_rank_rows(x, stack, idx)  # (B, ..., d_out): s·B A x per row
+        ones = stack.A.new_ones(self.out_features)
+        f = torch.stack([self._dora_factor(n) if n in self.magnitude else ones
+                         for n in names] + [ones])[idx]  # (B, d_out)
+        f = f.view(f.shape[0], *(1,) * (delta.dim() - 2), -1)
+        delta = (f - 1) * self._dora_base(result, x_drop) + f * delta
+        return result + delta.to(result.dtype)
 
 
 def attach(model, name: str, config: LoraConfig) -> None:
@@ -221,14 +328,14 @@ def _to_hf(config: LoraConfig, model, name: str) -> dict[str, Any]:
         "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None,
         "rank_pattern": {},
         "alpha_pattern": {},
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "inference_mode": True,
     }
 
 
 # Hugging Face PEFT fields whose non-default values change the math; we refuse them rather than
 # load an adapter that would silently compute something else.
-_HF_UNSUPPORTED = {"rank_pattern": {}, "alpha_pattern": {}, "use_dora": False,
+_HF_UNSUPPORTED = {"rank_pattern": {}, "alpha_pattern": {},
                    "layer_replication": None, "lora_bias": False, "target_parameters": None}
 
 
@@ -245,6 +352,7 @@ def _from_hf(d: dict[str, Any]) -> LoraConfig:
         bias=d.get("bias", "none"),
         init_lora_weights=d.get("init_lora_weights", True),
         fan_in_fan_out=d.get("fan_in_fan_out", False),
+        use_dora=d.get("use_dora", False),
         **target_fields_from_hf(d),
         modules_to_save=d.get("modules_to_save"),
     )

@@ -15,6 +15,15 @@ the text (which starts at position P). The table holds all of them:
 
 The keys and values enter through peftlab's attention function (``peftlab.attention``), so GQA
 (kv_heads < heads), generation with a KV cache and gradient checkpointing all work.
+
+Encoder-decoder models (T5) follow Hugging Face PEFT, whose adapters must load here and compute
+the same: the table has L = ``config.num_layers`` slots and only the decoder's self-attention
+reads it; the encoder and cross-attention get no prefix. PEFT's ``get_prompt`` stacks the table
+twice and cuts it into per-layer (self key, self value, cross key, cross value) groups, then
+empties the cross-attention cache, so decoder layer i reads slot 2i mod L (for even L, layers i
+and i + L/2 share a slot and the odd slots are never read; they are kept, untrained, so files
+keep PEFT's shape). T5 gives the prefix relative position biases as keys at 0..P-1 before text
+starting at P, as PEFT's cache route does.
 """
 
 from __future__ import annotations
@@ -54,11 +63,12 @@ class PrefixTuningConfig(AdapterConfig):
 class PrefixEncoder(AttentionAdapter):
     """The prefix table of one adapter, directly or through the MLP while training."""
 
-    def __init__(self, config: PrefixTuningConfig, num_layers: int, kv_heads: int, head_dim: int, stack: str,
-                 device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, config: PrefixTuningConfig, num_layers: int, slots: tuple[int, ...], kv_heads: int,
+                 head_dim: int, stack: str, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
         self.num_virtual_tokens = config.num_virtual_tokens
         self.stack = stack  # the attention stack the prefixes belong to ("decoder" or "encoder")
+        self.slots = slots  # layer l of the stack reads the table's slot slots[l] (see layout())
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         kv_dim = kv_heads * head_dim
         width = num_layers * 2 * kv_dim
@@ -79,8 +89,8 @@ class PrefixEncoder(AttentionAdapter):
     def prefix_kv(self, site: Site, module: nn.Module, batch_size: int):
         if site.stack != self.stack:
             return None
-        P, kv_dim = self.num_virtual_tokens, self.kv_heads * self.head_dim
-        layer = self.table()[:, site.layer * 2 * kv_dim:(site.layer + 1) * 2 * kv_dim]  # (P, 2 · kv_dim)
+        P, kv_dim, slot = self.num_virtual_tokens, self.kv_heads * self.head_dim, self.slots[site.layer]
+        layer = self.table()[:, slot * 2 * kv_dim:(slot + 1) * 2 * kv_dim]  # (P, 2 · kv_dim)
         kv = layer.view(P, 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)  # (2, kv_heads, P, head_dim)
         return kv[0].expand(batch_size, -1, -1, -1), kv[1].expand(batch_size, -1, -1, -1)
 
@@ -103,21 +113,41 @@ class PrefixEncoder(AttentionAdapter):
             self.embedding.weight.copy_(table)
 
 
-def attach(model, name: str, config: PrefixTuningConfig) -> None:
-    base = model.base_model
-    if getattr(base.config, "is_encoder_decoder", False):
-        raise ConfigError(
-            f"prefix tuning on encoder-decoder models ({type(base).__name__}) is not supported yet: the decoder "
-            f"would need cross-attention prefixes too; use LoRA, IA3 or prompt tuning for seq2seq models"
-        )
+def layout(base: nn.Module) -> tuple[str, tuple[int, ...]]:
+    """(the stack whose self-attention gets prefixes, the table slot each of its layers reads).
+
+    Decoder-only and encoder-only models: every layer l reads slot l. Encoder-decoder models: the
+    decoder, layer i reading slot 2i mod L, as in Hugging Face PEFT (module docstring).
+    """
     info = describe(base)
     sites = self_attention_modules(base)
-    if len(sites) != info.num_layers:
-        raise ConfigError(f"found {len(sites)} self-attention modules with a layer_idx in {type(base).__name__}, "
+    if not sites:
+        raise ConfigError(f"{type(base).__name__} has no self-attention modules with a layer_idx; prefix tuning "
+                          f"needs a model that calls attention through transformers' attention interface")
+    stack = "decoder" if info.is_encoder_decoder else sites[0][2]
+    layers = sorted(m.layer_idx for _, m, s in sites if s == stack)
+    if info.is_encoder_decoder:
+        encoder = sum(s == "encoder" for _, _, s in sites)
+        if layers != list(range(info.num_layers)) or encoder != info.num_layers:
+            raise ConfigError(
+                f"{type(base).__name__} has {encoder} encoder and {len(layers)} decoder self-attention layers; prefix "
+                f"tuning on encoder-decoder models follows Hugging Face PEFT's layout, whose table has "
+                f"num_layers={info.num_layers} slots read by the decoder, so it needs both stacks as deep as "
+                f"num_layers; use LoRA, IA3 or prompt tuning for this model")
+        return stack, tuple(2 * i % info.num_layers for i in range(info.num_layers))
+    if layers != list(range(info.num_layers)):
+        raise ConfigError(f"found {len(layers)} self-attention modules with a layer_idx in {type(base).__name__}, "
                           f"expected one per layer ({info.num_layers}); prefix tuning needs transformers' attention interface")
+    return stack, tuple(range(info.num_layers))
+
+
+def attach(model, name: str, config: PrefixTuningConfig) -> None:
+    base = model.base_model
+    info = describe(base)
+    stack, slots = layout(base)
     weight = base.get_input_embeddings().weight
-    model.add_model_adapter(name, PrefixEncoder(config, info.num_layers, info.num_kv_heads, info.head_dim,
-                                                sites[0][2], weight.device, weight.dtype))
+    model.add_model_adapter(name, PrefixEncoder(config, info.num_layers, slots, info.num_kv_heads, info.head_dim,
+                                                stack, weight.device, weight.dtype))
 
 
 def _to_hf(config: PrefixTuningConfig, model, name: str) -> dict[str, Any]:
@@ -130,7 +160,7 @@ def _to_hf(config: PrefixTuningConfig, model, name: str) -> dict[str, Any]:
         "num_layers": info.num_layers,
         "token_dim": kv_dim,
         "num_attention_heads": info.num_kv_heads,
-        "num_transformer_submodules": 1,
+        "num_transformer_submodules": 2 if info.is_encoder_decoder else 1,  # 2: PEFT's seq2seq layout
         "prefix_projection": config.prefix_projection,
         "encoder_hidden_size": config.encoder_hidden_size or kv_dim,
         "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None,

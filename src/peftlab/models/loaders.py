@@ -36,6 +36,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ..quant import SCHEMES, quantize_model
+
 # Task name -> the Auto class that builds a model for it. Shared with `tiny()`.
 TASKS: dict[str, type] = {
     "causal-lm": AutoModelForCausalLM,
@@ -225,8 +227,7 @@ def _ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     decoders find each row's last real token through ``config.pad_token_id``, so the model must
     use the same id the tokenizer pads with.
     """
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
+    _pad_with_eos(tokenizer)
     if tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
         # Only models that can generate have a generation config.
@@ -257,6 +258,7 @@ def load(
     num_labels: int | None = None,
     dtype: torch.dtype = torch.float32,
     cache_dir: str | os.PathLike | None = None,
+    quantize: str | None = None,
     **kwargs: Any,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a pretrained model for ``task`` together with its tokenizer.
@@ -271,6 +273,9 @@ def load(
         cache_dir: root of peftlab's cache of converted models (aliases that need converting);
             defaults to ``$PEFTLAB_CACHE``, else ``$XDG_CACHE_HOME/peftlab`` or
             ``~/.cache/peftlab``.
+        quantize: ``"nf4"`` or ``"int8"`` to store the linear layers quantised
+            (:func:`peftlab.quant.quantize_model`; heads and embeddings stay in ``dtype``), for
+            adapters to train on a frozen quantised base. None keeps every weight in ``dtype``.
         **kwargs: passed to the Auto class's ``from_pretrained`` (``revision``, ``token``,
             ``trust_remote_code``, ``local_files_only`` and ``subfolder`` also reach the
             tokenizer).
@@ -280,10 +285,26 @@ def load(
         ``model.config.pad_token_id`` matches it.
 
     Raises:
-        ValueError: unknown task, a task the alias's architecture cannot do, or ``num_labels``
-            missing for ``"seq-cls"`` / given for another task.
+        ValueError: unknown task, a task the alias's architecture cannot do, ``num_labels``
+            missing for ``"seq-cls"`` / given for another task, or an unknown ``quantize``.
         OSError: the path does not exist or the Hub cannot provide the model.
     """
+    if quantize is not None and quantize not in SCHEMES:
+        raise ValueError(f"quantize={quantize!r} is not a scheme; use one of {SCHEMES} or None (no quantisation).")
+    model, tokenizer = _load(name_or_path, task, num_labels, dtype, cache_dir, kwargs)
+    if quantize is not None:
+        quantize_model(model, quantize)
+    return model, tokenizer
+
+
+def _load(
+    name_or_path: str,
+    task: str,
+    num_labels: int | None,
+    dtype: torch.dtype,
+    cache_dir: str | os.PathLike | None,
+    kwargs: dict[str, Any],
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     _check_task(task)
     if task == "seq-cls" and num_labels is None:
         raise ValueError(
@@ -316,3 +337,20 @@ def load(
             f"Could not load {name_or_path!r} as a local directory or from the Hugging Face Hub: "
             f"{err} " + _offline_hint()
         ) from err
+
+
+def load_tokenizer(name_or_path: str, *, cache_dir: str | os.PathLike | None = None,
+                   **kwargs: Any) -> PreTrainedTokenizerBase:
+    """The tokenizer :func:`load` would return for ``name_or_path``, without loading the model
+    (the data decide the task, e.g. how many classes a head needs, before the model is built).
+    Its pad token is set as :func:`load` sets it."""
+    alias = _ALIAS_TABLE.get(name_or_path.lower())
+    source = alias.locate(_cache_root(cache_dir)) if alias is not None else name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(source, **{k: kwargs[k] for k in _TOKENIZER_KWARGS if k in kwargs})
+    _pad_with_eos(tokenizer)
+    return tokenizer
+
+
+def _pad_with_eos(tokenizer: PreTrainedTokenizerBase) -> None:
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token

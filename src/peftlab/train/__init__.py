@@ -1,5 +1,8 @@
-"""The training loop."""
+"""Training: the loop (`train`), its arguments, evaluation, checkpoints and reports."""
 
-from .loop import TrainResult, train
+from .args import TrainArgs
+from .checkpoint import CheckpointError, latest_checkpoint
+from .evaluation import evaluate
+from .loop import NonFiniteLossError, TrainResult, train
 
-__all__ = ["TrainResult", "train"]
+__all__ = ["CheckpointError", "NonFiniteLossError", "TrainArgs", "TrainResult", "evaluate", "latest_checkpoint", "train"]

@@ -1,0 +1,62 @@
+"""bitsandbytes' NF4 layer (``bnb.nn.Linear4bit``), used on CUDA when bitsandbytes is installed.
+
+Its CUDA kernels dequantise faster than :class:`~peftlab.quant.linear.QuantLinear`'s pure-PyTorch
+path. The format is QLoRA's NF4 too (bitsandbytes stores the double-quantised scales with its
+8-bit dynamic code where we use linear int8). The subclass below adds the two methods merging
+needs (``dequantize``, ``quantize_like``) and ``quantized_nbytes`` for :func:`memory_report`.
+
+peftlab's tests run on CPU without bitsandbytes, so this path is not exercised by them.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch.nn as nn
+
+from .linear import dense_linear
+
+
+def available() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+@functools.cache
+def _layer_class() -> type[nn.Module]:
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnb_functional
+
+    class BnbLinearNF4(bnb.nn.Linear4bit):
+        """``bnb.nn.Linear4bit`` (quant_type="nf4") with peftlab's merge protocol."""
+
+        def dequantize(self) -> nn.Linear:
+            weight = bnb_functional.dequantize_4bit(self.weight.data, self.weight.quant_state)  # (d_out, d_in)
+            return dense_linear(weight, self.bias)
+
+        def quantize_like(self, linear: nn.Linear) -> nn.Module:
+            return to_bnb_nf4(linear, block_size=self.weight.blocksize, double_quant=self.weight.compress_statistics)
+
+        def quantized_nbytes(self) -> int:
+            qs = self.weight.quant_state
+            tensors = [self.weight.data, qs.absmax, qs.code]
+            if qs.nested:
+                tensors += [qs.offset, qs.state2.absmax, qs.state2.code]
+            return sum(t.numel() * t.element_size() for t in tensors)
+
+    return BnbLinearNF4
+
+
+def to_bnb_nf4(linear: nn.Linear, *, block_size: int, double_quant: bool) -> nn.Module:
+    """``linear`` (on CUDA) as a bitsandbytes NF4 layer on the same device."""
+    import bitsandbytes as bnb
+
+    device = linear.weight.device
+    layer = _layer_class()(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                           compute_dtype=linear.weight.dtype, compress_statistics=double_quant, quant_type="nf4")
+    # Params4bit quantises when it is moved to a CUDA device.
+    layer.weight = bnb.nn.Params4bit(linear.weight.detach().cpu(), requires_grad=False, quant_type="nf4",
+                                     blocksize=block_size, compress_statistics=double_quant)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return layer.to(device)

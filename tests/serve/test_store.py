@@ -1,0 +1,148 @@
+"""AdapterStore: names that cannot leave the adapter roots, the LRU of resident adapters, and
+re-attaching from the CPU copy."""
+
+import shutil
+
+import pytest
+import torch
+
+from peftlab.formats import AdapterLoadError
+from peftlab.serve import AdapterBusy, AdapterExists, AdapterNotFound, AdapterPathError, AdapterStore
+
+from .conftest import base_model
+
+
+@pytest.fixture
+def root(adapter_root, tmp_path):
+    """A private copy of the adapters, so a test may delete files."""
+    copy = tmp_path / "adapters"
+    shutil.copytree(adapter_root, copy)
+    return copy
+
+
+def logits(store, adapter):
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        return store.forward([adapter], input_ids=ids).logits
+
+
+def test_folder_of_adapters_and_single_adapter_dir_register_by_folder_name(root, tmp_path):
+    assert AdapterStore(base_model(), [root]).names() == ["a", "b", "c"]
+    assert AdapterStore(base_model(), [root / "b"]).names() == ["b"]
+    with pytest.raises(AdapterExists, match="'b' is taken"):
+        AdapterStore(base_model(), [root, root / "b"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        AdapterStore(base_model(), [tmp_path / "missing"])
+    # Training runs all save to a folder named "adapter": NAME=DIR names them.
+    named = AdapterStore(base_model(), [root / "a"], named={"sql": root / "b", "chat": root / "c"})
+    assert named.names() == ["a", "chat", "sql"] and named.require("sql") == (root / "b").resolve()
+    with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
+        AdapterStore(base_model(), named={"x": root})
+
+
+@pytest.mark.parametrize("name", ["../a", "a/../../etc", "/etc", "..", ".hidden", "a b", "base", "__base__"])
+def test_names_that_could_escape_or_collide_are_refused(root, name):
+    store = AdapterStore(base_model(), [root])
+    with pytest.raises(AdapterPathError):
+        store.register(name)
+    assert store.names() == ["a", "b", "c"]
+
+
+def test_paths_outside_the_roots_are_refused_even_through_a_symlink(root, tmp_path):
+    outside = tmp_path / "outside"
+    shutil.copytree(root / "a", outside)
+    (root / "sneaky").symlink_to(outside)
+    store = AdapterStore(base_model(), [root])
+    for name, path in [("x", str(outside)), ("x", "../outside"), ("sneaky", None)]:
+        with pytest.raises(AdapterPathError, match="outside the adapter roots"):
+            store.register(name, path)
+    # Inside the root, by name or by a relative path, is fine.
+    shutil.copytree(root / "a", root / "d")
+    assert store.register("d") == (root / "d").resolve()
+    assert store.register("e", "a") == (root / "a").resolve()
+    with pytest.raises(AdapterExists):
+        store.register("d")
+    with pytest.raises(FileNotFoundError, match="no adapter directory"):
+        store.register("nothing")
+
+
+def test_a_directory_that_is_not_an_adapter_is_refused_at_registration(root):
+    (root / "empty").mkdir()
+    with pytest.raises(AdapterLoadError, match="adapter_config.json"):
+        AdapterStore(base_model(), [root]).register("empty")
+
+
+def test_lru_evicts_the_least_recently_used_idle_adapter(root):
+    store = AdapterStore(base_model(), [root], max_resident=2)
+    for name in ("a", "b"):
+        store.acquire(name)
+        store.release(name)
+    store.acquire("c")  # full: "a" is the least recently used
+    store.release("c")
+    assert store.resident == ["b", "c"]
+    assert sorted(store.model.peft_config) == ["b", "c"]
+    store.acquire("b")  # "b" is now held and the most recent; "c" is idle
+    store.acquire("a")  # evicts "c", not the held "b"
+    assert store.resident == ["b", "a"]
+    with pytest.raises(AdapterBusy, match="max-resident"):
+        store.acquire("c")  # both held
+    store.release("a")
+    store.acquire("c")
+    assert store.resident == ["b", "c"]
+
+
+def test_reattaching_from_the_cpu_copy_gives_the_same_outputs_without_reading_files(root):
+    store = AdapterStore(base_model(), [root], max_resident=1)
+    store.acquire("a")
+    first = logits(store, "a")
+    store.release("a")
+    assert not torch.allclose(first, logits(store, "base"))  # the adapter changes the output
+    store.acquire("b")
+    store.release("b")
+    assert store.resident == ["b"]
+    shutil.rmtree(root / "a")  # the CPU copy is all that is left
+    store.acquire("a")
+    assert store.resident == ["a"]
+    assert torch.equal(logits(store, "a"), first)
+
+
+def test_unregistering_a_held_adapter_detaches_it_when_released(root):
+    store = AdapterStore(base_model(), [root])
+    store.acquire("a")
+    store.unregister("a")
+    assert store.names() == ["b", "c"] and store.resident == ["a"]
+    with pytest.raises(AdapterNotFound, match="'a' does not exist"):
+        store.acquire("a")
+    with pytest.raises(AdapterExists, match="being unloaded"):
+        store.register("a")
+    store.release("a")
+    assert store.resident == [] and "a" not in store.model.peft_config
+    store.register("a")
+    store.acquire("a")
+    assert store.resident == ["a"]
+
+
+def test_an_adapter_that_does_not_fit_the_model_fails_and_leaves_the_model_as_it_was(root):
+    from peftlab import LoraConfig, get_peft_model
+    from peftlab.models import tiny
+
+    get_peft_model(tiny("gpt2"), LoraConfig(target_modules=["c_attn"]), "other").save_pretrained(root / "gpt2",
+                                                                                               ["other"])
+    store = AdapterStore(base_model(), [root])
+    store.register("other", "gpt2/other")
+    with pytest.raises(AdapterLoadError, match="adapter 'other' .* does not fit the base model LlamaForCausalLM: "
+                                               "target_modules=.'c_attn'"):
+        store.acquire("other")
+    assert store.resident == []
+    store.acquire("a")
+    assert store.resident == ["a"]
+
+
+def test_adapters_that_add_virtual_tokens_are_refused_with_the_reason(root):
+    from peftlab import PromptTuningConfig, get_peft_model
+
+    get_peft_model(base_model(), PromptTuningConfig(num_virtual_tokens=2), "p").save_pretrained(root, ["p"])
+    store = AdapterStore(base_model(), [root])
+    with pytest.raises(AdapterLoadError, match="prompt adapter, which adds virtual tokens"):
+        store.acquire("p")
+    assert store.resident == [] and list(store.model.peft_config) == []
