@@ -30,6 +30,18 @@ def test_reused_until_a_source_changes():
     assert cache.lookup(("x",)) is None
 
 
+def test_sources_are_checked_once_per_token():
+    """The token is the forward's route: layers of one forward (or of one generate call) skip the
+    checks after the first; the next forward checks again."""
+    a = torch.ones(3)
+    cache, value, route, next_route = StackCache(), object(), object(), object()
+    cache.store(("x",), [a], value, route)
+    with torch.no_grad():
+        a.add_(1)
+    assert cache.lookup(("x",), route) is value
+    assert cache.lookup(("x",), next_route) is None
+
+
 def test_sources_requiring_grad_are_never_stored():
     cache = StackCache()
     cache.store(("x",), [torch.ones(3), torch.ones(3, requires_grad=True)], object())

@@ -104,15 +104,25 @@ def test_token_ids_look_up_columns_of_each_rows_a():
 
 
 def test_decode_steps_reuse_their_rows_gathered_weights():
-    """Few rows per adapter, one token each: each row's A and B are copied on the first step only."""
-    stack = stack_low_rank(adapters())
+    """Few rows per adapter, one token each: each row's A and B are copied on the first step only,
+    and later in-place steps with the same rows go straight to two kernels."""
+    ads = adapters()
+    stack = stack_low_rank(ads)
+    g = torch.Generator().manual_seed(4)
     with torch.no_grad():
-        low_rank_rows(torch.randn(6, 1, D_IN), stack, IDX)
-        rows = stack.derived("rows", IDX, 0, lambda: None)
-        assert rows is not None and rows[1].shape == (6, 4, D_OUT)
-        x = torch.randn(6, 1, D_IN)
-        torch.testing.assert_close(low_rank_rows(x, stack, IDX), reference(x, adapters(), IDX), atol=1e-5, rtol=1e-5)
+        for step in range(3):
+            x, base = torch.randn(6, 1, D_IN, generator=g), torch.randn(6, 1, D_OUT, generator=g)
+            got = low_rank_rows(x, stack, IDX, out=base.clone())
+            torch.testing.assert_close(got, base + reference(x, ads, IDX), atol=1e-5, rtol=1e-5)
+            if step == 0:
+                rows = stack.derived("rows", IDX, 0, lambda: None)
+                assert rows is not None and rows[1].shape == (6, 4, D_OUT)
+                assert stack.decode_step[0] is IDX
         assert stack.derived("rows", IDX, 0, lambda: None) is rows
+    x = torch.randn(6, 1, D_IN, requires_grad=True)  # with autograd: out of place, differentiable
+    got = low_rank_rows(x, stack, IDX, out=torch.zeros(6, 1, D_OUT))
+    assert got.grad_fn is not None
+    torch.testing.assert_close(got, reference(x, ads, IDX), atol=1e-5, rtol=1e-5)
 
 
 def test_masks_are_derived_once_per_index_tensor():

@@ -278,14 +278,14 @@ class LoraLayer(AdapterLayer):
         the other rows).
         """
         names = route.names
-        stack = self._stacks.lookup(names)
+        stack = self._stacks.lookup(names, route)
         if stack is None:
             mine = [n for n in names if n in self.lora_A]
             if not mine:
                 return result
             stack = ops.stack_low_rank([(self.lora_A[n], self.lora_B[n], self.scaling[n]) if n in self.lora_A
                                         else None for n in names])  # A (S, r, d_in), B (S, r, d_out)
-            self._stacks.store(names, [t for n in mine for t in (self.lora_A[n], self.lora_B[n])], stack)
+            self._stacks.store(names, [t for n in mine for t in (self.lora_A[n], self.lora_B[n])], stack, route)
         idx = route.index(x.device)  # (B,)
 
         x_drop = None

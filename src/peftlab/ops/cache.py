@@ -30,24 +30,29 @@ class StackCache:
     def __init__(self) -> None:
         self.clear()
 
-    def lookup(self, key: Hashable):
-        """The value stored for ``key`` if its source tensors are unchanged, else None."""
+    def lookup(self, key: Hashable, token: object = None):
+        """The value stored for ``key`` if its source tensors are unchanged, else None. A ``token``
+        (the forward's route) seen at the last successful lookup skips the checks: the sources
+        are checked once per forward (or ``generate`` call), not once per token."""
         if self._value is None or not (key is self._key or key == self._key):
             return None
+        if token is not None and token is self._token:
+            return self._value
         for t, (version, ptr) in zip(self._sources, self._stamp):
             if t._version != version or t.data_ptr() != ptr or t.requires_grad:
                 return None
+        self._token = token
         return self._value
 
-    def store(self, key: Hashable, sources: Sequence[torch.Tensor], value) -> None:
+    def store(self, key: Hashable, sources: Sequence[torch.Tensor], value, token: object = None) -> None:
         """Keep ``value`` (built from ``sources``) for ``key`` — unless a source requires grad."""
         if any(t.requires_grad for t in sources):
             self.clear()
             return
-        self._key, self._value = key, value
+        self._key, self._value, self._token = key, value, token
         self._sources = tuple(sources)
         self._stamp = tuple((t._version, t.data_ptr()) for t in sources)
 
     def clear(self) -> None:
         """Drop the cached value (and the references to its sources)."""
-        self._key, self._value, self._sources, self._stamp = None, None, (), ()
+        self._key, self._value, self._token, self._sources, self._stamp = None, None, None, (), ()
