@@ -17,14 +17,18 @@ import time
 from typing import Callable
 
 
-def make_train_step(model, batch: int, seq: int) -> Callable[[], float]:
-    """An AdamW step over the model's trainable parameters on fixed random tokens; returns seconds."""
+def make_train_step(model, batch: int, seq: int, extra_inputs: dict | None = None) -> Callable[[], float]:
+    """An AdamW step over the model's trainable parameters on fixed random tokens; returns seconds.
+
+    ``extra_inputs`` go to every forward as they are (per-row inputs a method needs, e.g. the
+    (batch,) ``task_ids`` of multitask prompt tuning).
+    """
     import torch
 
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, **(extra_inputs or {})}
 
     def step() -> float:
         t = time.perf_counter()

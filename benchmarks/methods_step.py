@@ -31,7 +31,22 @@ METHODS = {
                 dict(num_virtual_tokens=20, encoder_reparameterization_type="MLP", task_type="CAUSAL_LM")),
     "llama_adapter": (dict(adapter_len=10), "AdaptionPromptConfig", dict(adapter_len=10, adapter_layers=30,
                                                                           task_type="CAUSAL_LM")),
+    "multitask": (dict(num_virtual_tokens=20, num_tasks=4, num_ranks=1), "MultitaskPromptTuningConfig",
+                  dict(num_virtual_tokens=20, num_tasks=4, num_ranks=1, task_type="CAUSAL_LM")),
 }
+
+
+def row_inputs(method: str, batch: int) -> dict:
+    """Per-row inputs a method's forward needs besides the tokens; {} for most.
+
+    Multitask prompt tuning names each row's task; both libraries take the same (batch,) ``task_ids``.
+    Rows cycle through the tasks, so every step mixes them (as a multitask batch does).
+    """
+    if method != "multitask":
+        return {}
+    import torch
+
+    return {"task_ids": torch.arange(batch) % METHODS[method][0]["num_tasks"]}
 
 
 def measure(contender: str, steps: int, batch: int, seq: int, threads: int) -> dict:
@@ -52,7 +67,7 @@ def measure(contender: str, steps: int, batch: int, seq: int, threads: int) -> d
 
         _, cls, kwargs = METHODS[method]
         model = peft.get_peft_model(model, getattr(peft, cls)(**kwargs))
-    step = make_train_step(model, batch, seq)
+    step = make_train_step(model, batch, seq, row_inputs(method, batch))
     step()
     times = [step() for _ in range(steps)]
     return {"step_s": statistics.median(times),

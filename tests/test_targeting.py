@@ -1,6 +1,6 @@
 import pytest
 
-from peftlab import ConfigError, LoraConfig, get_peft_model
+from peftlab import ConfigError, LoHaConfig, LoraConfig, get_peft_model
 from peftlab.targeting import describe, find_targets, layer_index
 
 
@@ -48,3 +48,22 @@ def test_describe(tiny_model):
     assert (info.num_layers, info.num_heads, info.num_kv_heads, info.head_dim) == (2, 4, 2, 8)
     assert info.layer_paths == ("model.layers.0", "model.layers.1")
     assert describe(tiny_model("gpt2")).layer_paths == ("transformer.h.0", "transformer.h.1")
+
+
+def test_query_value_defaults_agree_with_peft_where_both_list_the_architecture():
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_LORA
+
+    from peftlab.targeting import QUERY_VALUE
+
+    shared = [t for t in QUERY_VALUE if t in PEFT_LORA]
+    assert len(shared) >= 15
+    assert {t: set(QUERY_VALUE[t]) for t in shared} == {t: set(PEFT_LORA[t]) for t in shared}
+
+
+@pytest.mark.parametrize("arch,expected", [("llama", {"q_proj", "v_proj"}), ("gpt2", {"c_attn"}),
+                                           ("bert", {"query", "value"}), ("t5", {"q", "v"})])
+@pytest.mark.parametrize("config_cls", [LoraConfig, LoHaConfig])
+def test_low_rank_methods_default_to_query_and_value(arch, expected, config_cls, tiny_model):
+    model = get_peft_model(tiny_model(arch), config_cls(r=2))
+    module_paths = {key.split(".lora_")[0].split(".hada_")[0] for key in model.adapter_state_dict()}
+    assert {path.rsplit(".", 1)[-1] for path in module_paths} == expected

@@ -285,6 +285,8 @@ def train(
     task = task or _task_of_rows(records)
     if task not in ("causal-lm", "seq-cls"):
         raise ValueError(f"--task {task} is not trainable here; use causal-lm or seq-cls")
+    # The method's flags are checked before anything slow (the tokenizer, the model) is loaded.
+    adapter_config = method_config(ctx, method, task_type="SEQ_CLS" if task == "seq-cls" else "CAUSAL_LM")
     tokenizer = load_tokenizer(model)
     encoded = encode_records(records, tokenizer, max_length=max_length, packing=packing, skip_bad_rows=skip_bad_rows)
     if (encoded.kind == "classification") != (task == "seq-cls"):
@@ -310,7 +312,6 @@ def train(
         base.config.id2label = dict(enumerate(encoded.label_names))
         base.config.label2id = {name: i for i, name in enumerate(encoded.label_names)}
     torch.manual_seed(args.seed)  # the adapter's initialisation
-    adapter_config = method_config(ctx, method, task_type="SEQ_CLS" if task == "seq-cls" else "CAUSAL_LM")
     peft_model = get_peft_model(base, adapter_config).to(device)
     trainable, total = peft_model.trainable_parameters()
     say(f"{adapter_config.method}: {trainable:,d} trainable of {total:,d} parameters "

@@ -311,7 +311,10 @@ def dataclass_options(cls: type, *, into: str, exclude: Sequence[str] = ()) -> t
             kind = hints[f.name]
             if isinstance(kind, types.UnionType):  # typer reads Optional[X], not X | None
                 kind = Optional[next(m for m in typing.get_args(kind) if m is not type(None))]
-            option = typer.Option(f.default, "--" + _dashed(f.name), help=docs.get(f.name, ""))
+            flag = "--" + _dashed(f.name)
+            if kind is bool:  # a switch both ways: --lean-loss / --no-lean-loss
+                flag += "/--no-" + _dashed(f.name)
+            option = typer.Option(f.default, flag, help=docs.get(f.name, ""))
             added.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -22,6 +22,8 @@ from .config import AdapterConfig, ConfigError, get_method
 from .formats import hf_peft
 from .layers import AdapterLayer, ModulesToSaveLayer
 from . import attention
+from .lean import lean_forward
+from .ops.loss import DEFAULT_CHUNK_SIZE, HeadContext
 from .prompts import prepend_prompts
 from .routing import BASE, Route, Router, RoutingError, check_adapter_name
 from .targeting import logical_modules, matches, physical_path, unwrap
@@ -47,6 +49,7 @@ class PeftModel(nn.Module):
         self.model_adapters = nn.ModuleDict()
         self.peft_config: dict[str, AdapterConfig] = {}
         self._frozen_adapters: set[str] = set()
+        self._lean_chunk_size: int | None = None  # rows per head call inside lean_loss(); None = off
         for p in model.parameters():
             p.requires_grad_(False)
         self.add_adapter(adapter_name, config)
@@ -278,7 +281,45 @@ class PeftModel(nn.Module):
             if self.model_adapters:
                 kwargs = prepend_prompts(self.base_model, self.model_adapters, route, self._as_kwargs(args, kwargs))
                 args = ()
+            if self._lean_chunk_size is not None and len(args) <= 1:
+                kwargs, args = self._as_kwargs(args, kwargs), ()
+                # The loss's gradients are made inside this route's scope; only per-row routes need
+                # the rows of each chunk of labelled positions routed again for the head.
+                out = lean_forward(self.base_model, kwargs, chunk_size=self._lean_chunk_size,
+                                   head_context=self._rows_context(route))
+                if out is not None:
+                    return out
             return self.base_model(*args, **kwargs)
+
+    @contextmanager
+    def lean_loss(self, enabled: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[None]:
+        """Inside the block, a causal-LM forward with ``labels`` returns ``loss`` and ``logits=None``.
+
+        The loss (and its gradients) equal the model's own, but come from the labelled positions
+        only, ``chunk_size`` of them per call of the output head, so the (B, T, vocab) logits and
+        their gradient never exist (:mod:`peftlab.lean`). Calls it cannot serve — no labels,
+        sequence classification, encoder-decoders, logits the model changes after its head — run
+        as usual. ``enabled=False`` turns it off inside the block. See :attr:`lean_loss_enabled`.
+        """
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+            raise ValueError(f"lean_loss(chunk_size={chunk_size!r}): use an integer >= 1 (rows per head call)")
+        previous, self._lean_chunk_size = self._lean_chunk_size, chunk_size if enabled else None
+        try:
+            yield
+        finally:
+            self._lean_chunk_size = previous
+
+    @property
+    def lean_loss_enabled(self) -> bool:
+        """Whether forwards run inside an enabled :meth:`lean_loss` block."""
+        return self._lean_chunk_size is not None
+
+    def _rows_context(self, route: Route) -> HeadContext | None:
+        """For a per-row route: given the batch row of each position in a chunk, route those rows."""
+        if not route.is_mixed:
+            return None
+        names = route.per_example
+        return lambda rows: self.router.use(Route(per_example=tuple(names[i] for i in rows.tolist())))
 
     @staticmethod
     def _as_kwargs(args: tuple, kwargs: dict) -> dict:

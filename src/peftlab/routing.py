@@ -63,16 +63,16 @@ class Route:
         Layers stack their per-adapter tensors in :attr:`names` order plus one zero slot at the
         end, then gather with this index. Cached per device for the whole forward.
         """
-        if self.per_example is None:
-            raise RoutingError("index() is only defined for per-example routes")
-        key = str(device)
-        if key not in self._index_cache:
+        idx = self._index_cache.get(device)  # every layer asks, every decode step: one dict lookup
+        if idx is None:
+            if self.per_example is None:
+                raise RoutingError("index() is only defined for per-example routes")
             slot = {n: i for i, n in enumerate(self.names)}
             base_slot = len(self.names)
-            self._index_cache[key] = torch.tensor(
+            idx = self._index_cache[device] = torch.tensor(
                 [slot.get(n, base_slot) for n in self.per_example], dtype=torch.long, device=device
             )
-        return self._index_cache[key]
+        return idx
 
     def rows_of(self, wanted: Container[str], device: torch.device | str = "cpu") -> list[tuple[str, torch.Tensor | None]]:
         """(adapter, the rows it serves) for each adapter in ``wanted`` this route uses, in route
@@ -89,11 +89,15 @@ class Router:
     ``default`` follows ``set_adapter``; :meth:`use` overrides it for the duration of one forward
     (or one ``generate``). Gradient checkpointing recomputes a forward during backward, outside
     that scope: :meth:`checkpoint_context` restores the route the original forward saw.
+
+    ``scratch`` holds what layers hand each other within one forward (:mod:`peftlab.ops.fuse`);
+    it is emptied whenever a :meth:`use` scope ends, so nothing in it outlives a forward.
     """
 
     def __init__(self) -> None:
         self.default = Route()
         self._stack: list[Route] = []
+        self.scratch: dict = {}
 
     @property
     def route(self) -> Route:
@@ -106,6 +110,7 @@ class Router:
             yield route
         finally:
             self._stack.pop()
+            self.scratch.clear()
 
     def checkpoint_context(self):
         """``context_fn`` for ``torch.utils.checkpoint``: (forward ctx, recompute ctx)."""

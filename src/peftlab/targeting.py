@@ -31,6 +31,22 @@ _LAYER_RE = re.compile(r"\.(?:layers|layer|h|block|blocks)\.(\d+)(?:\.|$)")
 
 TargetSpec = str | Iterable[str] | None
 
+_QV = ("q_proj", "v_proj")
+QUERY_VALUE: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+                     "opt", "bart", "gptj"), _QV),
+    "phi3": ("qkv_proj",), "gpt2": ("c_attn",), "gpt_neox": ("query_key_value",), "falcon": ("query_key_value",),
+    "bert": ("query", "value"), "roberta": ("query", "value"), "distilbert": ("q_lin", "v_lin"),
+    "t5": ("q", "v"), "mt5": ("q", "v"),
+}
+"""model_type -> the attention's query and value projections (a fused qkv projection where the model
+has one): the default ``target_modules`` of the low-rank methods, as in the LoRA paper."""
+
+
+def query_value_targets(model: nn.Module) -> tuple[str, ...] | None:
+    """:data:`QUERY_VALUE` for ``model``'s architecture; None when it is not listed."""
+    return QUERY_VALUE.get(getattr(getattr(model, "config", None), "model_type", None))
+
 
 @dataclass(frozen=True)
 class TargetFields:

@@ -74,6 +74,9 @@ def test_simulate_prints_rounds_accuracy_and_bytes(model_dir, data_file, tmp_pat
 
 @pytest.mark.parametrize("extra, message", [
     (["--partition", "shards"], "--partition 'shards' is not a partition"),
+    (["--local-steps", "0"], "--local-steps must be at least 1, got 0"),
+    (["--strategy", "fedsgd"], "strategy must be one of"),
+    (["--aggregation", "svd", "--dp-noise", "1"], "use --aggregation fedavg with --dp-noise"),
     (["--method", "loha", "--aggregation", "svd"], "re-factorises LoRA's B·A, and the adapter is loha"),
     (["--strategy", "fedadam", "--aggregation", "stack"], "fedadam keeps Adam moments"),
 ])
@@ -95,7 +98,9 @@ def test_server_and_client_dry_runs_write_a_valid_flower_app(model_dir, data_fil
                                          "--clients", "2", "--rounds", "3", "--out", str(out), "--dry-run",
                                          "--method", "lora", "--r", "4", "--target-modules", "query,value"])
     assert result.exit_code == 0, result.output
-    assert "flower-superlink --insecure --disable-runtime-dependency-installation --host 0.0.0.0 --port 8000" in result.output
+    # Safe default: the SuperLink listens on the loopback only, and the output says how to open it.
+    assert "flower-superlink --insecure --disable-runtime-dependency-installation --host 127.0.0.1 --port 8000" in result.output
+    assert "pass --host 0.0.0.0 to let SuperNodes on other machines connect" in result.output
     assert "flwr run" in result.output and f"FLWR_HOME={(out / 'flwr-home').resolve()}" in result.output
     app = tomllib.loads((out / "flower-app" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": "peftlab.fed.app:server_app", "clientapp": "peftlab.fed.app:client_app"}
@@ -110,3 +115,42 @@ def test_server_and_client_dry_runs_write_a_valid_flower_app(model_dir, data_fil
     assert joined.exit_code == 0
     assert joined.output.strip() == (f"flower-supernode --insecure --superlink 10.0.0.5:8000 --node-config "
                                      f"data=\"{data_file.resolve()}\" --port 9094")
+
+
+@pytest.mark.parametrize("host, superlink_host, control", [
+    ("0.0.0.0", "0.0.0.0", "127.0.0.1"),  # every interface: `flwr run` still goes through the loopback
+    ("10.1.2.3", "10.1.2.3", "10.1.2.3"),  # one address: `flwr run` must use it, the loopback is not served
+])
+def test_server_listens_on_the_network_only_when_asked(model_dir, data_file, tmp_path, host, superlink_host, control):
+    import tomllib
+
+    out = tmp_path / "fed"
+    result = CliRunner().invoke(_app(), ["fed", "server", "--eval-data", str(data_file), "--model", str(model_dir),
+                                         "--out", str(out), "--dry-run", "--host", host, "--port", "8123",
+                                         "--strategy", "fedprox", "--proximal-mu", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert f"--host {superlink_host} --port 8123" in result.output and "pass --host 0.0.0.0" not in result.output
+    config = tomllib.loads((out / "flwr-home" / "config.toml").read_text())
+    assert config["superlink"]["peftlab"]["address"] == f"{control}:8123"
+    # The shared run options reach the settings every participant reads.
+    app = tomllib.loads((out / "flower-app" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    settings = json.loads(app["config"]["settings"])
+    assert settings["strategy"]["name"] == "fedprox" and settings["strategy"]["proximal_mu"] == 0.5
+
+
+def test_simulate_and_server_share_one_definition_of_the_run_options():
+    """Both commands' shared flags come from FedArgs and StrategyOptions, with the same help."""
+    import click
+
+    from peftlab.fed.settings import FedArgs
+
+    commands = {name: typer.main.get_command(_app()).commands["fed"].commands[name] for name in ("simulate", "server")}
+    shared = [f"--{f.replace('_', '-')}" for f in FedArgs.__dataclass_fields__] + [
+        "--aggregation", "--fraction", "--proximal-mu", "--server-lr", "--dp-noise", "--dp-clip"]
+    helps = {}
+    for name, command in commands.items():
+        options = {o.opts[0]: o for o in command.params if isinstance(o, click.Option)}
+        assert set(shared) <= set(options), (name, set(shared) - set(options))
+        helps[name] = {flag: options[flag].help for flag in shared}
+        assert all(helps[name].values()), name  # every shared flag has help, from a docstring
+    assert helps["simulate"] == helps["server"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from peftlab import IA3Config, LoHaConfig
-from peftlab.fed.client import make_client_app
+from peftlab.fed.client import dropped_out, make_client_app
 from peftlab.fed.comms import tensor_bytes
 from peftlab.fed.local_grid import InProcessGrid, run_in_process
 from peftlab.fed.server import FedResult, ServerSpec, make_server_app
@@ -26,11 +26,16 @@ class RecordingGrid(InProcessGrid):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.exchanges = []
+        self.uploads = []
+        """(round, arrays, num-examples) of every successful reply, the arrays copied as sent (a DP
+        wrapper clips replies in place)."""
 
     def push_messages(self, messages):
         messages = list(messages)
         ids = super().push_messages(messages)
         self.exchanges += [(int(m.content["config"]["server-round"]), m, self._replies[i]) for m, i in zip(messages, ids)]
+        self.uploads += [(round, _arrays(reply), reply.content["metrics"]["num-examples"])
+                         for round, _, reply in self.exchanges[-len(ids):] if not reply.has_error()]
         return ids
 
 
@@ -41,12 +46,12 @@ def _rows_of(partitions, context):
     return partitions[client]
 
 
-def _run(task, partitions, rounds, *, options=StrategyOptions(), out=None, resume=False, seed=0):
+def _run(task, partitions, rounds, *, options=StrategyOptions(), out=None, resume=False, seed=0, dropout=0.0):
     result = FedResult()
     spec = ServerSpec(rounds=rounds, clients=len(partitions), strategy=options, out=out, resume=resume, seed=seed)
     lines = []
     server = make_server_app(task, spec, eval_rows=rows(12, 99), result=result, report=lines.append)
-    grid = RecordingGrid(make_client_app(task, partial(_rows_of, partitions)), len(partitions))
+    grid = RecordingGrid(make_client_app(task, partial(_rows_of, partitions), dropout=dropout), len(partitions))
     run_in_process(server, grid)
     return result, grid, lines
 
@@ -160,13 +165,90 @@ def test_stack_aggregation_grows_the_rank_and_keeps_the_frozen_part():
     assert result.history[2]["up"] == result.history[1]["up"]
 
 
-def test_central_dp_wrapper_runs_and_adds_noise():
+def _norm(arrays):
+    return float(np.sqrt(sum(np.sum(np.square(v.astype(np.float64))) for v in arrays.values())))
+
+
+def test_central_dp_clips_each_update_and_adds_noise_of_the_stated_size():
+    """Flower's server-side fixed clipping: global + Σ p_i · clip(update_i, C) + N(0, (σ·C / sampled)²)."""
+    task = bert_task(steps=2)
+    partitions = [rows(8, 0), rows(12, 1)]
+    clip = 0.05
+    np.random.seed(0)  # Flower draws the noise from numpy's global generator
+    quiet, grid, _ = _run(task, partitions, rounds=1, options=StrategyOptions(dp_noise=1e-9, dp_clip=clip))
+    start = _arrays(grid.exchanges[0][1])  # the global adapter the clients were sent
+    updates = [{k: v.astype(np.float64) - start[k] for k, v in arrays.items()} for _, arrays, _ in grid.uploads]
+    shares = np.array([n for _, _, n in grid.uploads]) / 20
+    assert all(_norm(u) > 2 * clip for u in updates)  # so clipping changes something
+    clipped = [{k: v * min(1.0, clip / _norm(u)) for k, v in u.items()} for u in updates]
+    expected = {k: start[k] + sum(p * c[k] for p, c in zip(shares, clipped)) for k in start}
+    for key in expected:
+        np.testing.assert_allclose(quiet.arrays[key], expected[key], rtol=0, atol=1e-6)
+    assert _norm({k: quiet.arrays[k] - start[k] for k in start}) <= clip * (1 + 1e-5)
+
+    noisy, _, _ = _run(task, partitions, rounds=1, options=StrategyOptions(dp_noise=1.0, dp_clip=clip))
+    noise = np.concatenate([(noisy.arrays[k] - expected[k]).ravel() for k in expected])  # training is seeded
+    sigma = 1.0 * clip / len(partitions)
+    assert noise.size > 1000  # the standard deviation's estimate is within ~2 % (1 / √(2n)): 0.1 is 4.7 of those
+    assert abs(noise.std() / sigma - 1) < 0.1 and abs(noise.mean()) < 5 * sigma / np.sqrt(noise.size)
+
+
+def test_a_round_with_30_percent_of_the_clients_dropping_out_completes():
+    clients, rate = 10, 0.3
+    # The first run seed whose round 1 loses exactly 3 of the 10 clients (dropout is a function of the seed).
+    seed = next(s for s in range(1000) if sum(dropped_out(s, 1, c, rate) for c in range(clients)) == 3)
     task = bert_task(steps=1)
-    partitions = [rows(8, 0), rows(8, 1)]
-    plain, grid, _ = _run(task, partitions, rounds=1)
-    noisy, _, _ = _run(task, partitions, rounds=1, options=StrategyOptions(dp_noise=1.0, dp_clip=0.5))
-    key = next(iter(plain.arrays))
-    assert not np.allclose(plain.arrays[key], noisy.arrays[key])
+    partitions = [rows(4 + c, c) for c in range(clients)]  # unequal sizes: the weights matter
+    result, grid, lines = _run(task, partitions, rounds=2, seed=seed, dropout=rate)
+    by_round = _by_round(grid)
+    for round in (1, 2):
+        replies = [reply for _, reply in by_round[round]]
+        failed = {int(r.error.reason.split("client ")[1].split()[0]) for r in replies if r.has_error()}
+        assert failed == {c for c in range(clients) if dropped_out(seed, round, c, rate)}
+        assert len(failed) < clients
+        expected = _weighted(replies)
+        after = _arrays(by_round[2][0][0]) if round == 1 else result.arrays
+        for key in expected:
+            np.testing.assert_allclose(after[key], expected[key], rtol=1e-5, atol=1e-7)
+        assert (result.history[round]["clients"], result.history[round]["failed"]) == (clients, len(failed))
+    assert lines[1].startswith("round 1/2: 7/10 clients ok") and "dropped out of round 1 (simulated" in lines[1]
+
+
+def test_only_sampled_clients_train_and_a_resumed_run_samples_the_same(tmp_path):
+    task = bert_task(steps=1)
+    partitions = [rows(6 + 2 * c, c) for c in range(4)]
+    options = StrategyOptions(fraction=0.5)
+    straight, grid, lines = _run(task, partitions, rounds=3, options=options)
+    adapter_bytes = tensor_bytes(to_numpy(task.new_model().adapter_state_dict()))
+    by_round = _by_round(grid)
+    samples = {round: sorted(m.metadata.dst_node_id for m, _ in ex) for round, ex in by_round.items()}
+    assert sorted(samples) == [1, 2, 3] and all(len(nodes) == 2 for nodes in samples.values())
+    assert len({tuple(nodes) for nodes in samples.values()}) > 1  # a new draw each round
+    for round, exchanges in by_round.items():
+        after = _arrays(by_round[round + 1][0][0]) if round < 3 else straight.arrays
+        expected = _weighted([r for _, r in exchanges])
+        for key in expected:
+            np.testing.assert_allclose(after[key], expected[key], rtol=1e-5, atol=1e-7)
+        entry = straight.history[round]  # two clients, each sent the adapter and sending it back
+        assert (entry["clients"], entry["down"], entry["up"]) == (2, 2 * adapter_bytes, 2 * adapter_bytes)
+    assert lines[1].startswith("round 1/3: 2/2 clients ok")
+
+    _run(task, partitions, rounds=2, options=options, out=str(tmp_path))
+    resumed, again, _ = _run(task, partitions, rounds=3, options=options, out=str(tmp_path), resume=True)
+    assert sorted(m.metadata.dst_node_id for _, m, _ in again.exchanges) == samples[3]
+    for key in straight.arrays:
+        np.testing.assert_allclose(resumed.arrays[key], straight.arrays[key], rtol=1e-6, atol=1e-7)
+
+
+def test_fedprox_sends_mu_and_the_clients_add_the_proximal_term():
+    task = bert_task(steps=2)
+    partitions = [rows(8, 0), rows(12, 1)]
+    plain, _, _ = _run(task, partitions, rounds=1)
+    prox, grid, _ = _run(task, partitions, rounds=1, options=StrategyOptions(name="fedprox", proximal_mu=5.0))
+    assert [float(m.content["config"]["proximal-mu"]) for _, m, _ in grid.exchanges] == [5.0, 5.0]
+    # The pull toward the global adapter (tested in value in test_task.py) keeps the clients closer to it.
+    start = _arrays(grid.exchanges[0][1])
+    assert _norm({k: prox.arrays[k] - start[k] for k in start}) < _norm({k: plain.arrays[k] - start[k] for k in start})
 
 
 def test_failure_reasons_are_cut_to_the_clients_message():

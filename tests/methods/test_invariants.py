@@ -132,7 +132,10 @@ def test_mixed_batch_gradients_equal_separate_runs(method, arch, tiny_model):
         g = grads(output_of(model(**inputs), inputs)[keep].pow(2).sum())
         total = g if total is None else {k: total[k] + g[k] for k in g}
     for k in mixed:
-        torch.testing.assert_close(mixed[k], total[k], atol=1e-4, rtol=1e-4)
+        # The two runs sum the same terms in different orders; float32 rounding scales with the
+        # gradient's size (t5's norms make some entries large), so the tolerance does too.
+        scale = max(1.0, total[k].abs().max().item())
+        torch.testing.assert_close(mixed[k], total[k], atol=1e-4 * scale, rtol=1e-4)
 
 
 @pytest.mark.parametrize("method,arch", MATRIX, ids=IDS)

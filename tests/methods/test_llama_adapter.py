@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
-from peftlab import AdapterLoadError, ConfigError, LlamaAdapterConfig, PeftModel, get_peft_model
+from peftlab import ConfigError, LlamaAdapterConfig, PeftModel, get_peft_model
 from peftlab.models import tiny
 from tests.conftest import make_inputs, output_of
 
@@ -117,21 +117,10 @@ def test_peftlab_adapter_loads_in_peft(layers, tmp_path):
     assert (logits(theirs) - expected).abs().max() <= 1e-5
 
 
-def test_peft_gpt2_file_is_refused_with_reason(tmp_path):
-    theirs = peft.get_peft_model(tiny("gpt2").eval(), peft.AdaptionPromptConfig(
-        adapter_len=2, adapter_layers=1, task_type="CAUSAL_LM"))
-    theirs.save_pretrained(tmp_path)
-    with pytest.raises(AdapterLoadError, match="GPT-2.*after c_proj"):
-        PeftModel.from_pretrained(tiny("gpt2").eval(), tmp_path)
-
-
-@pytest.mark.parametrize("arch,config,match", [
-    ("gpt2", LlamaAdapterConfig(), "model types.*'gpt2'"),
-    ("llama", LlamaAdapterConfig(gate="tanh_per_head"), "no Hugging Face PEFT form"),
-])
-def test_peft_format_refused_where_peft_computes_otherwise(arch, config, match, tmp_path):
-    model = get_peft_model(tiny(arch), config)
-    with pytest.raises(ConfigError, match=match):
+def test_per_head_tanh_gates_refuse_peft_format(tmp_path):
+    """GPT-2 in PEFT's format: tests/formats/test_hf_peft_adaption_gpt2.py."""
+    model = get_peft_model(tiny("llama"), LlamaAdapterConfig(gate="tanh_per_head"))
+    with pytest.raises(ConfigError, match="gate='tanh_per_head' has no Hugging Face PEFT form"):
         model.save_pretrained(tmp_path, format="peft")
 
 

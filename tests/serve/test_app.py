@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
@@ -11,7 +13,8 @@ from peftlab.models import tiny
 from peftlab.serve import SamplingParams
 from peftlab.serve.app import create_app
 
-from .conftest import make_engine
+from .conftest import FAMILIES, make_engine
+from .test_live import greedy_reply
 
 KEY = "sekret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -171,3 +174,39 @@ def test_a_full_queue_is_429(root, tokenizer):
         assert "already waiting" in error_of(post(client, "/v1/completions", {"model": "a", "prompt": "w1"}, {}), 429)
     engine.stop()
 
+
+
+def test_prompt_prefix_and_llama_adapters_share_a_batch_and_equal_generate_alone(family_root, family_reference,
+                                                                                  tokenizer):
+    names = ["a", "base"] + [name for adapters in FAMILIES.values() for name in adapters]
+    jobs = [(name, " ".join(f"w{10 + i + j}" for j in range(1 + i % 4))) for i, name in enumerate(names)]
+    engine = make_engine(family_root, tokenizer).start()
+    forward, calls = engine.store.forward, []
+    engine.store.forward = lambda adapters, **inputs: (calls.append(set(adapters)), forward(adapters, **inputs))[1]
+
+    def all_waiting():  # on the engine thread: hold it until every request is queued, so one batch takes them
+        for _ in range(3000):
+            if engine.stats["waiting"] == len(jobs):
+                return
+            time.sleep(0.01)
+
+    try:
+        with TestClient(create_app(engine, api_key=KEY), raise_server_exceptions=False) as client:
+            def ask(job):
+                name, text = job
+                body = {"model": name, "prompt": text, "max_tokens": 8, "temperature": 0, "stream": name == "prompt2"}
+                response = post(client, "/v1/completions", body)
+                assert response.status_code == 200, response.text
+                if not body["stream"]:
+                    return response.json()["choices"][0]["text"]
+                events = [line[len("data: "):] for line in response.text.splitlines() if line.startswith("data: ")]
+                return "".join(c["choices"][0]["text"] for c in map(json.loads, events[:-1]) if c["choices"])
+
+            engine.call(all_waiting)
+            with ThreadPoolExecutor(len(jobs)) as pool:
+                texts = list(pool.map(ask, jobs))
+    finally:
+        engine.stop()
+    for (name, text), got in zip(jobs, texts):
+        assert got == greedy_reply(family_reference, tokenizer, engine, tokenizer(text)["input_ids"], name, 8), name
+    assert set(names) - {"base"} <= set().union(*calls) and max(len(c) for c in calls) == len(names)

@@ -138,11 +138,20 @@ def test_an_adapter_that_does_not_fit_the_model_fails_and_leaves_the_model_as_it
     assert store.resident == ["a"]
 
 
-def test_adapters_that_add_virtual_tokens_are_refused_with_the_reason(root):
-    from peftlab import PromptTuningConfig, get_peft_model
-
-    get_peft_model(base_model(), PromptTuningConfig(num_virtual_tokens=2), "p").save_pretrained(root, ["p"])
-    store = AdapterStore(base_model(), [root])
-    with pytest.raises(AdapterLoadError, match="prompt adapter, which adds virtual tokens"):
-        store.acquire("p")
-    assert store.resident == [] and list(store.model.peft_config) == []
+def test_prompt_prefix_and_llama_adapters_take_turns_on_the_model(family_root, family_reference):
+    """Model-level adapters attach and evict like the others; with the virtual tokens put in front
+    (``with_virtual_tokens``), a forward equals PeftModel.forward; after them, base is base again."""
+    store = AdapterStore(base_model(), [family_root], max_resident=1)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    base = logits(store, "base")
+    for name in ("prompt2", "ptuning5", "prefix3", "llama3"):
+        store.acquire(name)
+        with torch.no_grad():
+            got = store.forward([name], **store.with_virtual_tokens([name], input_ids=ids)).logits
+            expected = family_reference(input_ids=ids, adapter_names=[name]).logits
+        assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5), name
+        assert not torch.allclose(got[:, -4:], base, atol=1e-3), name
+        store.release(name)
+    store.acquire("a")  # evicts the last model-level adapter
+    assert store.resident == ["a"] and len(store.model.model_adapters) == 0
+    assert torch.allclose(logits(store, "base"), base, atol=1e-6)

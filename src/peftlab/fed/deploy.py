@@ -68,8 +68,9 @@ def write_flower_config(flwr_home: Path, control_address: str) -> Path:
     return flwr_home
 
 
-def superlink_command(host: str = "0.0.0.0", port: int = PORT) -> list[str]:
-    """Start a SuperLink listening on ``host:port``: SuperNodes and ``flwr run`` both connect there."""
+def superlink_command(host: str = "127.0.0.1", port: int = PORT) -> list[str]:
+    """Start a SuperLink listening on ``host:port``: SuperNodes and ``flwr run`` both connect there.
+    The default, the loopback, admits this machine only; ``host="0.0.0.0"`` opens it to the network."""
     return ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
             "--host", host, "--port", str(port)]
 

@@ -1,9 +1,11 @@
 """One JSON-able description of a federated run, shared by ``peftlab fed simulate`` and a real
 deployment (where it travels to the ServerApp and every ClientApp in Flower's run config).
 
-:class:`FedSettings` holds plain values; :meth:`FedSettings.task` turns them into the
-:class:`~peftlab.fed.task.FedTask` every participant builds, loading the base model with
-:func:`load_base` (a module-level function, so the task pickles for Ray workers).
+:class:`FedArgs` holds the options a user chooses for a run (``peftlab fed simulate`` and
+``peftlab fed server`` generate their shared flags from it); :meth:`FedArgs.settings` adds what
+the data and the tokenizer decide. :class:`FedSettings` holds plain values; :meth:`FedSettings.task`
+turns them into the :class:`~peftlab.fed.task.FedTask` every participant builds, loading the base
+model with :func:`load_base` (a module-level function, so the task pickles for Ray workers).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
@@ -90,3 +93,52 @@ class FedSettings:
         records = list(read_records(source))
         return encode_records(records, tokenizer, kind=self.kind, max_length=self.max_length,
                               label_names=self.label_names).rows
+
+
+@dataclass(frozen=True)
+class FedArgs:
+    """The options of a federated run that ``peftlab fed simulate`` and ``peftlab fed server`` share;
+    their flags are generated from these fields (``--local-steps``, ...), help from the docstrings.
+    The strategy's own options (``--aggregation``, ``--fraction``, DP) come from :class:`StrategyOptions`."""
+
+    model: str = "smollm2-135m-instruct"
+    """Base model: an alias (smollm2-135m-instruct, minilm-l6), a local model directory or a Hub id."""
+    method: str = "lora"
+    """Adapter method (lora, loha, ia3, ...); its options follow as flags (peftlab methods lists them)."""
+    rounds: int = 10
+    """Federated rounds."""
+    local_steps: int = 10
+    """Optimizer steps each client trains per round (E)."""
+    batch_size: int = 8
+    """Rows per local step."""
+    lr: float = 1e-3
+    """Clients' learning rate (AdamW)."""
+    max_length: int = 256
+    """Longer rows are cut to this many tokens."""
+    strategy: str = "fedavg"
+    """Flower strategy: fedavg, fedprox (see --proximal-mu) or fedadam (see --server-lr)."""
+    seed: int = 0
+    """Seed of the adapter's initialisation, client sampling and local batches (and of simulate's data split)."""
+    out: Path = Path("out/fed")
+    """Round checkpoints, history.jsonl, traffic.json and the final adapter/ go here."""
+    resume: bool = False
+    """Continue from the newest round checkpoint in --out."""
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--rounds", self.rounds), ("--local-steps", self.local_steps),
+                            ("--batch-size", self.batch_size), ("--max-length", self.max_length)):
+            if value < 1:
+                raise ValueError(f"{flag} must be at least 1, got {value}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+
+    def settings(self, adapter: AdapterConfig, options: StrategyOptions, *, kind: str, label_names: list[str] | None,
+                 pad_id: int, clients: int) -> FedSettings:
+        """The run's :class:`FedSettings`, with what the data decided (row kind, label names) and
+        paths made absolute (Flower runs the apps in other directories)."""
+        model = Path(self.model)
+        return FedSettings(model=str(model.resolve()) if model.is_dir() else self.model, adapter=adapter.to_dict(),
+                           kind=kind, label_names=label_names, pad_id=pad_id, max_length=self.max_length,
+                           local_steps=self.local_steps, batch_size=self.batch_size, lr=self.lr, rounds=self.rounds,
+                           clients=clients, seed=self.seed, strategy=dataclasses.asdict(options),
+                           out=str(self.out.resolve()))

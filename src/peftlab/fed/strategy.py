@@ -36,21 +36,24 @@ WEIGHT_KEY = "num-examples"
 
 @dataclass(frozen=True)
 class StrategyOptions:
-    """How the server samples, aggregates and (optionally) privatises."""
+    """How the server samples, aggregates and (optionally) privatises. The field docstrings are
+    also the help of ``peftlab fed simulate|server`` (``--aggregation``, ``--fraction``, ...)."""
 
     name: str = "fedavg"
     """"fedavg", "fedprox" (clients add μ/2 ‖w − w_global‖²) or "fedadam" (Adam on the server over
     the averaged update, Reddi et al. 2021)."""
     aggregation: str = "fedavg"
-    """"fedavg" per tensor, or for LoRA "svd" / "stack" (see :mod:`peftlab.fed.aggregate`)."""
+    """fedavg (each tensor averaged), or for LoRA svd (the exact mean ΔW, cut back to rank r) or stack
+    (exact; the rank grows each round); docs/federated.md says which to use when."""
     fraction: float = 1.0
     """Share of the clients sampled each round (at least one)."""
     proximal_mu: float = 0.01
-    """FedProx's μ."""
+    """FedProx's μ: clients add μ/2 ‖w − w_global‖² to their loss (strategy fedprox)."""
     server_lr: float = 0.01
-    """FedAdam's server learning rate η."""
+    """FedAdam's server learning rate η (strategy fedadam)."""
     dp_noise: float = 0.0
-    """Central DP: Gaussian noise multiplier (σ = noise × clip / sampled clients); 0 = off."""
+    """Central differential privacy: Gaussian noise multiplier (σ = noise × clip / sampled clients);
+    0 = off."""
     dp_clip: float = 1.0
     """Central DP: each client's update (its adapter minus the global one) is clipped to this L2 norm."""
 

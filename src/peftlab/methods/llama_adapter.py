@@ -29,11 +29,18 @@ checkpointing and mixed-adapter batches need nothing special: the prompt is reco
 and never enters the cache.
 
 Tensors are keyed like Hugging Face PEFT's ``ADAPTION_PROMPT``: ``<attention path>.adaption_prompt``
-(1, K, hidden) and ``<attention path>.adaption_gate``. HF's GPT-2 variant differs (it adds the prompt
-attention *after* ``c_proj``, unprojected, unlike the paper and its own Llama path), so HF GPT-2
-files are refused rather than silently computing something else. HF's Llama path projects a_l
-with ``o_proj`` separately, which is the same as ours unless ``o_proj`` has a bias (then HF adds it
-twice, even at g = 0; Llama/Mistral checkpoints have none).
+(1, K, hidden) and ``<attention path>.adaption_gate``. HF's Llama path projects a_l with ``o_proj``
+separately, which is the same as ours unless ``o_proj`` has a bias (then HF adds it twice, even at
+g = 0; Llama/Mistral checkpoints have none). HF's GPT-2 variant computes something else, so its
+files are refused in both directions rather than silently changing the model:
+
+    HF GPT-2:  out_l = c_proj(attention(q, k, v)) + a_l           (a_l flattened to (B, Q, hidden))
+    peftlab:   out_l = c_proj(attention(q, k, v) + a_l) = ... + a_l W_proj
+
+The paper (zero-init attention: t = W_o(S_gᵀ V)) and its code project a_l, and so does HF's Llama path. No
+conversion is exact: HF writes head h's prompt attention straight into hidden columns h·head_dim..,
+while ours reaches them only through W_proj, which mixes heads, and one prompt must give both the
+keys (hence each head's softmax) and the values through the frozen ``c_attn``.
 """
 
 from __future__ import annotations
@@ -60,6 +67,10 @@ _FUSED_QKV = ("c_attn",)
 # Model types whose HF PEFT ADAPTION_PROMPT computes what we compute (its TRANSFORMERS_MODEL_CONFIG
 # minus gpt2, see the module docstring).
 _HF_MODEL_TYPES = ("llama", "mistral")
+_HF_GPT2_DIFFERS = ("Hugging Face PEFT's GPT-2 ADAPTION_PROMPT adds the gated prompt attention after c_proj, "
+                    "unprojected, where the paper (and HF's own Llama path, and peftlab) project it with the "
+                    "attention's output projection; since c_proj mixes heads, no choice of prompt and gate "
+                    "converts one into the other exactly")
 
 
 @dataclass(frozen=True)
@@ -222,10 +233,13 @@ def attach(model, name: str, config: LlamaAdapterConfig) -> None:
 
 def _to_hf(config: LlamaAdapterConfig, model, name: str) -> dict[str, Any]:
     model_type = getattr(model.base_model.config, "model_type", None)
+    if model_type == "gpt2":
+        raise ConfigError(f"this GPT-2 LLaMA-Adapter has no Hugging Face PEFT form: {_HF_GPT2_DIFFERS}; "
+                          f"save it with format='peftlab'")
     if model_type not in _HF_MODEL_TYPES:
-        raise ConfigError(f"Hugging Face PEFT's ADAPTION_PROMPT computes the same thing only for model types "
-                          f"{_HF_MODEL_TYPES}, not {model_type!r} (it refuses others, and its gpt2 variant skips "
-                          f"c_proj); save this adapter with format='peftlab'")
+        raise ConfigError(f"Hugging Face PEFT's ADAPTION_PROMPT exists only for model types {_HF_MODEL_TYPES} "
+                          f"(and gpt2, computed differently), not {model_type!r}; save this adapter with "
+                          f"format='peftlab'")
     if config.gate != "scalar":
         raise ConfigError(f"gate={config.gate!r} has no Hugging Face PEFT form (its adaption_gate is one "
                           f"untransformed scalar per layer); save with format='peftlab', or train with gate='scalar'")
@@ -244,11 +258,10 @@ def _to_hf(config: LlamaAdapterConfig, model, name: str) -> dict[str, Any]:
 
 
 def _from_hf(d: dict[str, Any]) -> LlamaAdapterConfig:
-    if d.get("target_modules") == "attn":
-        raise ConfigError("this ADAPTION_PROMPT adapter was made by Hugging Face PEFT for GPT-2 "
-                          "(target_modules='attn'), which adds the prompt attention after c_proj without projecting "
-                          "it — unlike the paper, HF's own Llama path and peftlab — so it would compute something "
-                          "else here; use it with HF PEFT, or retrain it with peftlab's LlamaAdapterConfig")
+    if d.get("target_modules") == "attn":  # HF's GPT-2 default; its Llama/Mistral paths use "self_attn"
+        raise ConfigError(f"this ADAPTION_PROMPT adapter was made by Hugging Face PEFT for GPT-2 "
+                          f"(target_modules='attn') and would compute something else here: {_HF_GPT2_DIFFERS}; "
+                          f"use it with HF PEFT, or retrain it with peftlab's LlamaAdapterConfig")
     return LlamaAdapterConfig(task_type=d.get("task_type"), adapter_len=d["adapter_len"],
                               adapter_layers=d["adapter_layers"], target_modules=d.get("target_modules"))
 

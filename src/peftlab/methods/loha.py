@@ -36,7 +36,7 @@ from ..config import AdapterConfig, ConfigError, HFMapping, register
 from ..formats.hf_peft import target_fields_from_hf, target_fields_to_hf
 from ..layers import AdapterLayer, linear_features
 from ..routing import Route
-from ..targeting import LINEAR_TYPES, TargetFields, find_targets, unwrap
+from ..targeting import LINEAR_TYPES, TargetFields, find_targets, query_value_targets, unwrap
 
 FORWARD_MODES = ("auto", "materialize", "factored")
 _FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -263,7 +263,8 @@ class LoHaLayer(AdapterLayer):
 
 
 def attach(model, name: str, config: LoHaConfig) -> None:
-    paths = find_targets(model.base_model, config, types=LINEAR_TYPES)
+    paths = find_targets(model.base_model, config, default=query_value_targets(model.base_model),
+                         types=LINEAR_TYPES)
     model.wrap_modules(paths, name, config, LoHaLayer)
 
 

@@ -38,7 +38,7 @@ from ..config import AdapterConfig, ConfigError, HFMapping, register
 from ..formats.hf_peft import target_fields_from_hf, target_fields_to_hf
 from ..layers import AdapterLayer, linear_features
 from ..routing import Route
-from ..targeting import LINEAR_TYPES, TargetFields, find_targets, unwrap
+from ..targeting import LINEAR_TYPES, TargetFields, find_targets, query_value_targets, unwrap
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,8 @@ class LoraLayer(AdapterLayer):
         self._merged_factor: dict[str, torch.Tensor] = {}
         # Mixed batches: the last stack of frozen adapters, reused until they change.
         self._stacks = ops.StackCache()
+        # Layers beside this one that may read the same input (see link_siblings), or None.
+        self._siblings: ops.SiblingGroup | None = None
 
     def adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
@@ -251,11 +253,21 @@ class LoraLayer(AdapterLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         route = self.route
+        share, group = None, self._siblings
+        if group is not None and ops.fusing() and not (group.skip[0] is route and group.skip[1] == x.shape):
+            share = group.take(self._router.scratch, self, x)
+            if share is None:
+                share = (self._share_mixed if route.is_mixed else self._share)(x, route)
         if route.is_mixed:
+            if share is not None:  # (path, this layer's slice of x Aᵀ, its stack, idx)
+                return ops.up_rows(share[1], share[0], share[2], share[3], out=result)
             return self._mixed_forward(x, result, route)
         for name in route.active:
             if name in self.lora_A and name not in self.merged:
                 A, B = self.lora_A[name], self.lora_B[name]
+                if share is not None and name in share:  # x Aᵀ, computed with the siblings'
+                    result = ops.add_up(result, share[name], B, self.scaling[name])
+                    continue
                 x_a = self._adapter_input(x, A, self.dropout_p[name])
                 if name not in self.magnitude and not self.is_embedding:
                     # result + s·(x Aᵀ) Bᵀ as one addmm (in place when no gradient is needed)
@@ -270,22 +282,94 @@ class LoraLayer(AdapterLayer):
                 result = result + delta.to(result.dtype)
         return result
 
-    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor, route: Route) -> torch.Tensor:
-        """Each row with its own adapter: :func:`peftlab.ops.low_rank_rows` over the adapters
-        stacked in ``route.names`` order (ranks zero-padded; names not on this layer, and the final
-        ``__base__`` slot, are zeros). Frozen adapters' stack is cached until they change
-        (:class:`peftlab.ops.StackCache`). DoRA rows are then scaled by their adapter's f (ones for
-        the other rows).
-        """
+    # -- sharing the down-projection with siblings (ops.fuse) -----------------------------------------
+    # Only plain LoRA with identity dropout shares: DoRA needs its own norms, and sharing one x Aᵀ
+    # would mean sharing one dropout mask, where separate layers draw independent masks.
+    def _can_share(self, name: str) -> bool:
+        return (name in self.lora_A and name not in self.merged and name not in self.magnitude
+                and not (self.training and self.dropout_p[name] > 0))
+
+    def _siblings_for(self, route: Route) -> list[LoraLayer]:
+        """Members of this layer's group that can share on ``route`` (this one included, if it can)."""
+        names = route.names if route.is_mixed else route.active
+        return [m for m in self._siblings.members() if m._router is self._router and not m.merged
+                and any(m._can_share(n) for n in names)
+                and (not route.is_mixed or all(m._can_share(n) for n in names if n in m.lora_A))]
+
+    def _share(self, x: torch.Tensor, route: Route) -> dict[str, torch.Tensor] | None:
+        """This layer's x Aᵀ per active adapter, computed in one matmul with every sibling's
+        ([A_q; A_k; A_v] stacked); the siblings' parts are left in the router's scratch.
+        None when there is nothing to share, or too little input to gain by it."""
+        if x.numel() < ops.fuse.SHARE_MIN_TOKENS * x.shape[-1]:
+            self._siblings.skip = (route, x.shape)
+            return None
+        members = self._siblings_for(route)
+        units = [(m, n) for m in members for n in route.active if m._can_share(n)]
+        if self not in members or len(members) < 2 or len({m.lora_A[n].dtype for m, n in units}) > 1:
+            return None
+        As = [m.lora_A[n] for m, n in units]
+        h = F.linear(x.to(As[0].dtype), torch.cat(As))  # (..., Σr)
+        shares: dict = {}
+        for (m, n), part in zip(units, h.split([a.shape[0] for a in As], dim=-1)):
+            shares.setdefault(m, {})[n] = part
+        mine = shares.pop(self)
+        self._siblings.leave(self._router.scratch, x, shares)
+        return mine
+
+    def _share_mixed(self, x: torch.Tensor, route: Route) -> tuple | None:
+        """The mixed-route :meth:`_share`: every sibling's stack side by side
+        (:class:`ops.FusedDown`), one down-projection over the rows (:func:`ops.shared_down`).
+        Frozen stacks' fusion is kept for the route (a ``generate`` reuses it every step)."""
+        group = self._siblings
+        plan = group.plan
+        if plan is None or plan[0] is not route or plan[1] != self.training:
+            pairs = [(m, m._mixed_stack(route)) for m in self._siblings_for(route)]
+            members, stacks = [m for m, s in pairs if s is not None], [s for _, s in pairs if s is not None]
+            fused = None if plan is None else plan[3]  # the last frozen fusion: reused for the same stacks
+            if fused is None or [id(s) for s in fused.stacks] != [id(s) for s in stacks]:
+                fused = None
+                if self in members and len(members) > 1 and len({s.A.dtype for s in stacks}) == 1:
+                    fused = ops.FusedDown(stacks)
+            plan = (route, self.training, members, fused)
+            group.plan = plan if fused is None or not fused.A.requires_grad else None
+        _, _, members, fused = plan
+        if fused is None or self not in members:
+            return None
+        idx = route.index(x.device)  # (B,)
+        down = ops.shared_down(x, fused, idx)
+        if down is None:  # not worth it for this route and shape (decode steps): no member asks again
+            group.skip = (route, x.shape)
+            return None
+        path, hs = down
+        shares = {m: (path, h, s, idx) for m, s, h in zip(members, fused.stacks, hs)}
+        mine = shares.pop(self)
+        group.leave(self._router.scratch, x, shares)
+        return mine
+
+    def _mixed_stack(self, route: Route) -> ops.low_rank.LowRankStack | None:
+        """This layer's adapters stacked in ``route.names`` order (ranks zero-padded; names not on
+        this layer, and the final ``__base__`` slot, are zeros), or None if it has none of them.
+        Frozen adapters' stack is cached until they change (:class:`peftlab.ops.StackCache`)."""
         names = route.names
         stack = self._stacks.lookup(names, route)
         if stack is None:
             mine = [n for n in names if n in self.lora_A]
             if not mine:
-                return result
+                return None
             stack = ops.stack_low_rank([(self.lora_A[n], self.lora_B[n], self.scaling[n]) if n in self.lora_A
                                         else None for n in names])  # A (S, r, d_in), B (S, r, d_out)
             self._stacks.store(names, [t for n in mine for t in (self.lora_A[n], self.lora_B[n])], stack, route)
+        return stack
+
+    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor, route: Route) -> torch.Tensor:
+        """Each row with its own adapter: :func:`peftlab.ops.low_rank_rows` over
+        :meth:`_mixed_stack`. DoRA rows are then scaled by their adapter's f (ones for the other
+        rows).
+        """
+        stack = self._mixed_stack(route)
+        if stack is None:
+            return result
+        names = route.names
         idx = route.index(x.device)  # (B,)
 
         x_drop = None
@@ -307,9 +391,26 @@ class LoraLayer(AdapterLayer):
         return result + delta.to(result.dtype)
 
 
+def link_siblings(model: nn.Module) -> None:
+    """Group the LoRA layers that may read one input: children of one parent with one input width
+    (q/k/v of an attention block, gate/up of an MLP — found by shape, no module names). A member
+    that turns out to read another tensor leaves its group on first sight (:class:`ops.SiblingGroup`)."""
+    for parent in model.modules():
+        widths: dict[int, list[LoraLayer]] = {}
+        for child in parent.children():
+            if isinstance(child, LoraLayer) and not child.is_embedding:
+                widths.setdefault(child.in_features, []).append(child)
+        for members in widths.values():
+            group = ops.SiblingGroup(members) if len(members) > 1 else None
+            for m in members:
+                m._siblings = group
+
+
 def attach(model, name: str, config: LoraConfig) -> None:
-    paths = find_targets(model.base_model, config, types=LINEAR_TYPES + (nn.Embedding,))
+    paths = find_targets(model.base_model, config, default=query_value_targets(model.base_model),
+                         types=LINEAR_TYPES + (nn.Embedding,))
     model.wrap_modules(paths, name, config, LoraLayer)
+    link_siblings(model.base_model)
 
 
 def _to_hf(config: LoraConfig, model, name: str) -> dict[str, Any]:

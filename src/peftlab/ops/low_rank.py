@@ -99,6 +99,19 @@ class LowRankStack:
         return value
 
 
+class FusedDown:
+    """Several stacks over the same slots (one route), their A's side by side for one down-projection:
+    ``A`` (S, Σr, d_in) for the gathered path and ``A_real`` (Σ(S−1)·r, d_in), each stack's masked
+    block in turn. ``widths[path]`` says how :func:`shared_down`'s product splits among the stacks."""
+
+    def __init__(self, stacks: Sequence[LowRankStack]) -> None:
+        self.stacks = tuple(stacks)
+        self.A = torch.cat([s.A for s in stacks], dim=1)
+        self.A_real = torch.cat([s.A_real for s in stacks])
+        self.slots, self.d_in = stacks[0].slots, stacks[0].d_in
+        self.widths = {"gathered": [s.rank for s in stacks], "masked": [s.A_real.shape[0] for s in stacks]}
+
+
 def stack_low_rank(adapters: Sequence[tuple[torch.Tensor, torch.Tensor, float] | None]) -> LowRankStack:
     """Stack adapters into slots: ``adapters[k]`` is (A (r_k, d_in), B (d_out, r_k), scale) — the
     ``nn.Linear`` layout — or None for a slot that adds nothing. The result has
@@ -175,27 +188,16 @@ def low_rank_rows(x: torch.Tensor, stack: LowRankStack, idx: torch.Tensor, *,
                          f"d_in={d_in}, d_out={d_out}, {A.dtype} on {x.device}")
     inplace = out is not None and _can_accumulate(out, x, A, B)
 
-    if path == "gathered":
-        if tokens < GATHER_MIN_TOKENS and rows <= ROWS_PER_ADAPTER_CACHED * (S - 1):
+    if path in ("gathered", "masked"):
+        if path == "gathered" and tokens < GATHER_MIN_TOKENS and rows <= ROWS_PER_ADAPTER_CACHED * (S - 1):
             Ag, Bg = stack.derived("rows", idx, 0, lambda: _gather_rows(stack, idx))  # kept across decode steps
             if inplace and x.dim() == 3:
                 stack.decode_step = (idx, x.shape, Ag, Bg)
+            h = torch.bmm(x.reshape(rows, -1, d_in), Ag)  # (B_rows, T, r)
         else:
-            Ag, Bg = _gather_rows(stack, idx)
-        h = torch.bmm(x.reshape(rows, -1, d_in), Ag)  # (B_rows, T, r)
-        if inplace:
-            out.view(rows, -1, d_out).baddbmm_(h, Bg)
-            return out
-        delta = torch.bmm(h, Bg)
-    elif path == "masked":
-        # every real slot at once, (B_rows, T, (S−1)·r); columns of other slots zeroed
-        mask = stack.derived("mask", idx, 0, lambda: _slot_mask(idx, S - 1, r, A.dtype))  # (B_rows, 1, (S−1)·r)
-        h = (F.linear(x.reshape(rows, -1, d_in), stack.A_real) * mask).view(-1, stack.A_real.shape[0])
-        if inplace:
-            out.view(-1, d_out).addmm_(h, stack.B_real)
-            return out
-        delta = h @ stack.B_real
-    elif path == "grouped":
+            h = _down(x.reshape(rows, -1, d_in), stack, idx, path)
+        return up_rows(h.view(x.shape[:-1] + (-1,)), path, stack, idx, out=out)
+    if path == "grouped":
         order, offs = stack.derived("groups", idx, tokens, lambda: _token_groups(idx, tokens, S))
         h = F.grouped_mm(x.reshape(-1, d_in)[order], A.transpose(1, 2), offs=offs)  # (N, r), by slot
         o = F.grouped_mm(h, B, offs=offs)  # (N, d_out)
@@ -206,6 +208,62 @@ def low_rank_rows(x: torch.Tensor, stack: LowRankStack, idx: torch.Tensor, *,
     else:
         raise ValueError(f"low_rank_rows: unknown path {path!r}; use 'gathered', 'masked' or 'grouped'")
     delta = delta.view(x.shape[:-1] + (d_out,))
+    return delta if out is None else out + delta.to(out.dtype)
+
+
+def shared_down(x: torch.Tensor, fused: FusedDown, idx: torch.Tensor) -> tuple[str, tuple[torch.Tensor, ...]] | None:
+    """Every stack's down-projection of ``x`` (B_rows, ..., d_in) with one matmul: the path and one
+    product per stack of ``fused``, each to finish with :func:`up_rows` (its own stack, same idx).
+
+    None where sharing does not pay: where :func:`choose_path` picks "grouped" (sorted tokens), and
+    for decode steps that keep their rows' weights, where each layer's own step is two kernels
+    and handing products over costs more Python than the one saved kernel (measured, CPU:
+    q/k/v of SmolLM2's shapes, 4 rows over 3 adapters: ~15 µs slower shared)."""
+    rows, d_in = x.shape[0], fused.d_in
+    tokens = x.numel() // (rows * d_in) if rows else 0
+    path = choose_path(rows, tokens, fused.slots)
+    if path == "grouped" or (path == "gathered" and tokens < GATHER_MIN_TOKENS):
+        return None
+    if x.dtype != fused.A.dtype:
+        x = x.to(fused.A.dtype)
+    h = _down(x.reshape(rows, -1, d_in), fused, idx, path)
+    return path, h.view(x.shape[:-1] + (-1,)).split(fused.widths[path], dim=-1)
+
+
+def _down(x: torch.Tensor, stack: LowRankStack | FusedDown, idx: torch.Tensor, path: str) -> torch.Tensor:
+    """x (B_rows, T, d_in) → (B_rows, T, width): gathered, each row's slot of A; masked, every real
+    slot (the caller zeroes other slots' columns)."""
+    if path == "gathered":
+        return torch.bmm(x, stack.A.index_select(0, idx).transpose(1, 2))
+    return F.linear(x, stack.A_real)
+
+
+def up_rows(h: torch.Tensor, path: str, stack: LowRankStack, idx: torch.Tensor, *,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """The second half of :func:`low_rank_rows`: h (B_rows, ..., width) from the down-projection on
+    ``path`` ("gathered": (…, r); "masked": (…, (S−1)·r), every slot) times each row's B, into
+    ``out`` in place when allowed, else a new tensor."""
+    rows, d_out, S = h.shape[0], stack.d_out, stack.slots
+    h3 = h.reshape(rows, -1, h.shape[-1])  # (B_rows, T, width)
+    inplace = out is not None and _can_accumulate(out, h, stack.B)
+    if path == "gathered":
+        if h3.shape[1] < GATHER_MIN_TOKENS and rows <= ROWS_PER_ADAPTER_CACHED * (S - 1):
+            Bg = stack.derived("rows", idx, 0, lambda: _gather_rows(stack, idx))[1]  # kept across decode steps
+        else:
+            Bg = stack.B.index_select(0, idx)
+        if inplace:
+            out.view(rows, -1, d_out).baddbmm_(h3, Bg)
+            return out
+        delta = torch.bmm(h3, Bg)
+    else:
+        # every slot's columns, zeroed but the row's own: (B_rows, 1, (S−1)·r)
+        mask = stack.derived("mask", idx, 0, lambda: _slot_mask(idx, S - 1, stack.rank, stack.A.dtype))
+        hm = (h3 * mask).view(-1, stack.A_real.shape[0])
+        if inplace:
+            out.view(-1, d_out).addmm_(hm, stack.B_real)
+            return out
+        delta = hm @ stack.B_real
+    delta = delta.view(h.shape[:-1] + (d_out,))
     return delta if out is None else out + delta.to(out.dtype)
 
 
@@ -232,8 +290,14 @@ def add_low_rank(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.T
     ``out`` when no gradient is needed (no temporaries the size of the output), else one new tensor."""
     if x.dtype != A.dtype:
         x = x.to(A.dtype)
-    h = F.linear(x, A).reshape(-1, A.shape[0])  # (N, r)
-    if _can_accumulate(out, x, A, B):
+    return add_up(out, F.linear(x, A), B, scale)
+
+
+def add_up(out: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """``out + scale · h @ Bᵀ`` with h = x Aᵀ (..., r) already computed (by a sibling, see
+    :mod:`.fuse`): the second half of :func:`add_low_rank`."""
+    h = h.reshape(-1, h.shape[-1])  # (N, r)
+    if _can_accumulate(out, h, B):
         out.view(-1, out.shape[-1]).addmm_(h, B.T, alpha=scale)
         return out
     if out.dtype != B.dtype:

@@ -8,10 +8,12 @@ One background thread owns the model. Requests wait in a bounded queue (:class:`
    (:meth:`AdapterStore.acquire`), and **prefills** them: one forward over their left-padded
    prompts, each row routed to its own adapter, into a fresh KV cache that is then concatenated
    onto the running batch's cache (:mod:`peftlab.serve.kv`). Their first token comes from that
-   forward;
+   forward. Virtual tokens of prompt-type adapters are prepended here, once, and stay in the
+   cache as part of their row; prefix keys/values (prefix tuning, LLaMA-Adapter) are added inside
+   attention at every step, per row, by the route (:mod:`peftlab.attention`);
 3. **decodes** one token for every running row with ONE forward: input (B, 1), each row's
-   ``position_ids`` its own length, the attention mask hiding each row's left padding,
-   ``adapter_names`` one per row (the mixed-batch path of the adapter layers);
+   ``position_ids`` its own length, the attention mask hiding each row's left padding, one
+   adapter per row (the mixed-batch path of the adapter layers and of the attention hook);
 4. sends each row's new text, and drops finished rows (end-of-text token, stop string,
    ``max_tokens``, cancelled), trimming padding no remaining row needs.
 
@@ -280,10 +282,16 @@ class Engine:
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in group], device=self.device)
         mask = kv.attention_mask([len(r.prompt_ids) for r in group], width, self.device)
+        adapters = [r.adapter for r in group]
         try:
-            out = self.store.forward([r.adapter for r in group], input_ids=ids, attention_mask=mask,
-                                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0), past_key_values=DynamicCache(),
-                                     use_cache=True, logits_to_keep=1)
+            # Rows with prompt-type adapters get their virtual tokens in front (they join the
+            # cache); the mask and positions then come with them. Prefix keys/values are added
+            # inside attention at every step and never enter the cache.
+            inputs = self.store.with_virtual_tokens(adapters, input_ids=ids, attention_mask=mask)
+            inputs.setdefault("position_ids", (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0))
+            out = self.store.forward(adapters, **inputs, past_key_values=DynamicCache(), use_cache=True,
+                                     logits_to_keep=1)
+            cache, lengths = kv.right_align(out.past_key_values, inputs["attention_mask"])
         except Exception as exc:
             if len(group) == 1:
                 self._fail(group[0], exc)
@@ -292,11 +300,11 @@ class Engine:
             for request in group:  # find the request that fails alone
                 self._prefill([request])
             return
-        for request in group:
-            request.length = len(request.prompt_ids)
+        for request, length in zip(group, lengths):
+            request.length = length  # the prompt's tokens, and its adapter's virtual tokens
             seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
             request.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self._cache = out.past_key_values if self._cache is None else kv.concat(self._cache, out.past_key_values)
+        self._cache = cache if self._cache is None else kv.concat(self._cache, cache)
         self._rows += group
         self._next_tokens(group, out.logits[:, -1])
         self._drop_finished()

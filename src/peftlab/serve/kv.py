@@ -39,6 +39,27 @@ def attention_mask(lengths: Sequence[int], width: int, device: torch.device | st
     return (columns[None, :] >= starts[:, None]).long()
 
 
+def right_align(cache: DynamicCache, mask: torch.Tensor) -> tuple[DynamicCache, list[int]]:
+    """The cache of a prefill whose attention ``mask`` (B, L) is not one padding run then one run of
+    real tokens per row (virtual tokens: ``[unused][prompt][padding][text]``), reordered so each
+    row's real columns are its last ones, in order; and each row's count of them.
+
+    Moving columns is exact: keys are cached after their position was applied, and a decode step's
+    query attends to every unmasked column, whatever its place.
+    """
+    lengths = mask.sum(-1)
+    width = int(lengths.max())
+    order = torch.argsort(mask.ne(0).long(), dim=-1, stable=True)  # masked columns first, then real ones
+    if torch.equal(order, torch.arange(mask.shape[1], device=mask.device).expand_as(order)):
+        return cache, lengths.tolist()  # already so (no virtual tokens); some row is all real: width = L
+    order = order[:, None, mask.shape[1] - width:, None]  # (B, 1, width, 1)
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        return t.gather(2, order.expand(-1, t.shape[1], -1, t.shape[3]))
+
+    return from_layers([(gather(k), gather(v)) for k, v in layers(cache)]), lengths.tolist()
+
+
 def concat(first: DynamicCache, second: DynamicCache) -> DynamicCache:
     """Rows of ``first`` then rows of ``second``, the shorter left-padded to the longer."""
     width = max(first.get_seq_length(), second.get_seq_length())

@@ -32,7 +32,8 @@ import torch.nn as nn
 from ..config import AdapterConfig
 from ..formats import CONFIG_NAME, AdapterLoadError
 from ..model import PeftModel, read_adapter_dir
-from ..routing import BASE, RoutingError, check_adapter_name
+from ..prompts import prepend_prompts
+from ..routing import BASE, Route, RoutingError, check_adapter_name
 
 BASE_ID = "base"
 """The model id that selects the plain base model; no adapter may take this name."""
@@ -249,11 +250,13 @@ class AdapterStore:
         else:
             self.model = PeftModel(self.model, config, name)
         try:
-            if name in self.model.model_adapters:
+            adapters = self.model.model_adapters
+            needs = getattr(adapters[name], "extra_inputs", ()) if name in adapters else ()
+            if needs:  # e.g. multitask prompts: task_ids
                 raise AdapterLoadError(
-                    f"adapter {name!r} is a {config.method} adapter, which adds virtual tokens or attention "
-                    f"prefixes; the server batches adapters that wrap modules (lora, loha, ia3, bottleneck). "
-                    f"Use `peftlab generate --adapter` for it"
+                    f"adapter {name!r} is a {config.method} adapter, which needs {list(needs)} in every forward "
+                    f"(one per row), and OpenAI requests have no field for them; run it from Python with "
+                    f"PeftModel.generate(..., {needs[0]}=...)"
                 )
             self.model.load_adapter_state_dict(name, tensors)
         except Exception:
@@ -271,13 +274,40 @@ class AdapterStore:
         self.model.delete_adapter(name)
         del self._holders[name]
 
+    def with_virtual_tokens(self, adapters: Sequence[str], **inputs: Any) -> dict[str, Any]:
+        """The inputs of a first forward over a fresh cache, one model id per row: rows whose
+        adapter adds virtual tokens (prompt tuning, P-tuning) get them in front of their text,
+        with ``attention_mask`` and ``position_ids`` to match — :func:`peftlab.prompts.prepend_prompts`,
+        as ``PeftModel.forward`` and ``generate`` do. Unchanged when no row has such an adapter.
+
+        The prompts then live in the KV cache, so later steps go through :meth:`forward`, which
+        adds nothing. Pass no ``position_ids``: with virtual tokens they are counted over the mask.
+        """
+        if not isinstance(self.model, PeftModel) or not self.model.model_adapters:
+            return inputs
+        return prepend_prompts(self.model.base_model, self.model.model_adapters, self._route(adapters), inputs)
+
     def forward(self, adapters: Sequence[str], **inputs: Any) -> Any:
-        """Run the model with one model id (``"base"`` or an adapter name) per row of the batch."""
+        """Run the model with one model id (``"base"`` or an adapter name) per row of the batch.
+
+        Inputs reach the base model as given, under the per-row route that every adapter layer and
+        the attention hook (prefixes, LLaMA-Adapter's gated prompts) read: virtual tokens are not
+        added here (see :meth:`with_virtual_tokens`), just as ``PeftModel.generate`` adds them
+        once and then steps the base model.
+        """
+        route = self._route(adapters)
         if not isinstance(self.model, PeftModel):
-            if any(a != BASE_ID for a in adapters):  # acquire() attaches adapters before any forward
-                raise RoutingError(f"adapters {sorted(set(adapters) - {BASE_ID})} are not resident; acquire() them first")
             return self.model(**inputs)
-        return self.model(**inputs, adapter_names=[BASE if a == BASE_ID else a for a in adapters])
+        with self.model.router.use(route):
+            return self.model.base_model(**inputs)
+
+    def _route(self, adapters: Sequence[str]) -> Route:
+        names = tuple(BASE if a == BASE_ID else a for a in adapters)
+        resident = self.model.peft_config if isinstance(self.model, PeftModel) else {}
+        missing = sorted(set(names) - {BASE} - set(resident))
+        if missing:  # acquire() attaches adapters before any forward
+            raise RoutingError(f"adapters {missing} are not resident; acquire() them first")
+        return Route(per_example=names)
 
 
 def _base(model: nn.Module) -> nn.Module:

@@ -53,6 +53,11 @@ class TrainArgs:
     """Recompute the base model's layer activations during backward instead of storing them:
     less memory, about a third more compute. Works with every method (the recomputation sees the
     route of the original forward). It stays on after training; it only acts in training mode."""
+    lean_loss: bool = True
+    """Compute the training loss of a causal LM from its labelled positions only, a chunk of them at
+    a time through the output head, so the (batch, length, vocabulary) logits are never stored: the
+    same loss and gradients in less memory and time (``PeftModel.lean_loss``). Models it does not fit
+    (classifiers, encoder-decoders, soft-capped logits) train as usual. Evaluation keeps its logits."""
     precision: str = "fp32"
     """"fp32", or "bf16"/"fp16" autocast (CUDA only; fp16 adds a gradient scaler). Adapter weights
     and optimizer state stay fp32 either way."""

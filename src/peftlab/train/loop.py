@@ -210,7 +210,7 @@ def train(
                 indices = sampler.indices(step * args.grad_accum + k)  # this process's rows
                 batch = {key: v.to(device) for key, v in collate_fn([train_rows[i] for i in indices]).items()}
                 with distributed.accumulating(forward, sync=k == args.grad_accum - 1):
-                    with autocast:
+                    with autocast, model.lean_loss(args.lean_loss):  # the loss alone: no logits needed
                         loss = forward(**batch).loss
                     tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
                     # Every process learns the mean loss before backward, so all of them stop on a NaN anywhere.
