@@ -41,13 +41,15 @@ MODEL = "smollm2-135m-instruct"
 LORA = dict(r=8, lora_alpha=16, target_modules="all-linear")  # the same for peftlab and PEFT
 
 # peftlab's default training configuration; each trick row flips one of these.
-DEFAULT = {"lean_loss": True, "fuse": True, "checkpointing": False, "compile": False, "quantize": None}
+DEFAULT = {"lean_loss": True, "chunk_size": None, "fuse": True, "checkpointing": False, "compile": False,
+           "quantize": None}
 # Contender -> (library, changes to DEFAULT for peftlab).
 CONTENDERS: dict[str, tuple[str, dict]] = {
     "full-ft": ("full", {}),
     "peft": ("peft", {}),
     "peftlab": ("peftlab", {}),
     "peftlab -lean-loss": ("peftlab", {"lean_loss": False}),
+    "peftlab chunk 1024": ("peftlab", {"chunk_size": 1024}),
     "peftlab -fuse": ("peftlab", {"fuse": False}),
     "peftlab +checkpointing": ("peftlab", {"checkpointing": True}),
     "peftlab +compile": ("peftlab", {"compile": True}),
@@ -88,16 +90,18 @@ class _Forward(torch.nn.Module):
     learned, so a lean loss has half the positions to push through the output head.
     """
 
-    def __init__(self, model, call, labels: str, lean: bool | None) -> None:
+    def __init__(self, model, call, labels: str, lean: bool | None, chunk_size: int | None = None) -> None:
         super().__init__()
         self.model, self.config, self.labels, self.lean = model, model.config, labels, lean
+        self.chunk = {} if chunk_size is None else {"chunk_size": chunk_size}  # None: the library's default
         self.call = call  # the model itself or its torch.compile'd wrapper
 
     def forward(self, **data):
         if self.labels == "completion":
             data["labels"] = data["labels"].clone()
             data["labels"][:, : data["labels"].shape[1] // 2] = -100
-        switch = self.model.lean_loss(enabled=self.lean) if self.lean is not None else contextlib.nullcontext()
+        switch = (self.model.lean_loss(enabled=self.lean, **self.chunk) if self.lean is not None
+                  else contextlib.nullcontext())
         with switch:
             return self.call(**data)
 
@@ -126,7 +130,8 @@ def measure(name: str, setup: dict) -> dict:
             model.activation_checkpointing_enable()
         lean = cfg["lean_loss"] if hasattr(model, "lean_loss") else None
     call = torch.compile(model) if cfg["compile"] else model
-    step = make_train_step(_Forward(model, call, setup["labels"], lean), setup["batch"], setup["seq"])
+    step = make_train_step(_Forward(model, call, setup["labels"], lean, cfg["chunk_size"]), setup["batch"],
+                           setup["seq"])
     start = time.perf_counter()
     step()  # warm-up: allocator, optimizer state, compilation
     warmup = time.perf_counter() - start
