@@ -121,3 +121,13 @@ def test_train_args_are_validated_with_the_field_named(base, tmp_path):
     data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(4))
     result = run("train", "--model", base, "--data", data, "--steps", "1", "--schedule", "exponential")
     assert_one_line_error(result, "schedule")
+
+
+def test_save_every_uses_the_output_dir_flag(base, tmp_path):
+    # TrainArgs refuses save_every without output_dir; the command's own --output-dir must reach it.
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(8))
+    out = tmp_path / "run"
+    result = run("train", "--model", base, "--data", data, "--output-dir", str(out), "--steps", "2",
+                 "--batch-size", "4", "--save-every", "1", "--target-modules", "q_proj")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]

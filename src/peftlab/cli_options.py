@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import os
 import re
 import sys
 import textwrap
@@ -299,13 +300,17 @@ def dataclass_options(cls: type, *, into: str, exclude: Sequence[str] = ()) -> t
     default and help from the field's annotation, default and docstring), handed to the command
     bundled as one ``cls`` instance in its parameter ``into``. So ``peftlab train --lr 3e-4`` is
     generated from :class:`~peftlab.train.TrainArgs` and cannot drift from it; ``exclude`` names
-    fields the command sets itself."""
+    fields the command declares itself (its own option, e.g. a ``Path``): when the command has a
+    parameter of that name, its value (a path as a string) fills the field too, so the bundle is
+    validated with it (``--save-every`` needs ``--output-dir``)."""
     hints, docs = typing.get_type_hints(cls), _field_docs(cls)
     fields = [f for f in dataclasses.fields(cls) if f.name not in exclude]
 
     def decorate(command: typing.Callable) -> typing.Callable:
         signature = inspect.signature(command)
         own = [p for p in signature.parameters.values() if p.name != into]
+        field_names = {f.name for f in dataclasses.fields(cls)}
+        shared = [name for name in exclude if name in field_names and name in signature.parameters]
         added = []
         for f in fields:
             kind = hints[f.name]
@@ -318,7 +323,8 @@ def dataclass_options(cls: type, *, into: str, exclude: Sequence[str] = ()) -> t
             added.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            bundled = cls(**{f.name: kwargs.pop(f.name) for f in fields})
+            from_own = {n: os.fspath(kwargs[n]) if isinstance(kwargs[n], os.PathLike) else kwargs[n] for n in shared}
+            bundled = cls(**{f.name: kwargs.pop(f.name) for f in fields}, **from_own)
             return command(*args, **{into: bundled}, **kwargs)
 
         wrapper.__name__, wrapper.__doc__, wrapper.__module__ = command.__name__, command.__doc__, command.__module__
