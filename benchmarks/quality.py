@@ -38,6 +38,7 @@ CONTENDERS = {
     "full": (None, 5e-5),
     "lora": (LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="SEQ_CLS"), 1e-3),
     "adapter": (BottleneckConfig(variant="pfeiffer", bottleneck=64, task_type="SEQ_CLS"), 1e-3),
+    "houlsby": (BottleneckConfig(variant="houlsby", bottleneck=64, task_type="SEQ_CLS"), 2e-3),
     "ia3": (IA3Config(task_type="SEQ_CLS"), 5e-3),
     "prompt": (PromptTuningConfig(num_virtual_tokens=20, task_type="SEQ_CLS"), 3e-2),
     "prefix": (PrefixTuningConfig(num_virtual_tokens=20, task_type="SEQ_CLS"), 5e-3),
