@@ -8,7 +8,6 @@ the command; see :class:`OneLineErrors`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -318,7 +317,7 @@ def train(
                f"({100 * trainable / total:.3f} %)", err=True)
 
     result = run_training(
-        peft_model, train_rows, args=dataclasses.replace(args, output_dir=str(output_dir)),
+        peft_model, train_rows, args=args,  # args.output_dir is --output-dir (dataclass_options)
         collate_fn=lambda rows: collate(rows, tokenizer.pad_token_id), eval_rows=eval_rows, resume=resume,
         tokenizer=tokenizer, data_summary=f"{data}: {encoded.summary()}",
         command=shlex.join(["peftlab", *sys.argv[1:]]),
