@@ -14,15 +14,20 @@ import resource
 import statistics
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 
-def make_train_step(model, batch: int, seq: int, extra_inputs: dict | None = None) -> Callable[[], float]:
+def make_train_step(model, batch: int, seq: int, extra_inputs: dict | None = None,
+                    context: Callable[[], Any] | None = None) -> Callable[[], float]:
     """An AdamW step over the model's trainable parameters on fixed random tokens; returns seconds.
 
     ``extra_inputs`` go to every forward as they are (per-row inputs a method needs, e.g. the
-    (batch,) ``task_ids`` of multitask prompt tuning).
+    (batch,) ``task_ids`` of multitask prompt tuning). ``context``, if given, makes a context
+    manager the forward and backward run inside (peftlab's ``model.lean_loss``, as its training
+    loop runs them by default).
     """
+    import contextlib
+
     import torch
 
     model.train()
@@ -32,7 +37,8 @@ def make_train_step(model, batch: int, seq: int, extra_inputs: dict | None = Non
 
     def step() -> float:
         t = time.perf_counter()
-        model(**data).loss.backward()
+        with context() if context is not None else contextlib.nullcontext():
+            model(**data).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t

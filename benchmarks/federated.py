@@ -174,6 +174,10 @@ def main() -> None:
         "local only": lambda: local_only(parts, test, args, pad_id),
     }
     wanted = [c.strip() for c in args.only.split(",") if c.strip()] or list(contenders)
+    unknown = sorted(set(wanted) - set(contenders))
+    if unknown:
+        raise SystemExit(f"unknown contender(s) {unknown}; choose from {sorted(contenders)}")
+    args.out.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in wanted:
         started = time.perf_counter()
@@ -181,6 +185,7 @@ def main() -> None:
         results[name]["seconds"] = time.perf_counter() - started
         print(f"{name}: {results[name]['accuracy'][-1]:.3f} after {args.rounds} rounds "
               f"({results[name]['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        save(args, results)  # after every contender, so a stopped run keeps what it finished
     bar = smollm2_bar()
 
     print(f"\n### Test accuracy per round ({len(test)} test quotes, {args.clients} clients, dirichlet:{args.alpha}, "
@@ -203,9 +208,15 @@ def main() -> None:
     print(f"\nSmolLM2-135M: LoRA r=8 on q_proj,v_proj = {human(qv['adapter_bytes'])} per message vs the full model "
           f"{human(bar['full_model_bytes'])}: {qv['ratio']:.0f}x less (all-linear: {human(every['adapter_bytes'])}, "
           f"{every['ratio']:.0f}x)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                       "results": results, "smollm2": bar}, indent=1))
+    save(args, results, smollm2=bar)
+
+
+def save(args: argparse.Namespace, results: dict, **extra) -> None:
+    path = args.out / "results.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results, **extra},
+                              indent=1))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Train step per method on SmolLM2-135M: peftlab vs Hugging Face PEFT vs full fine-tuning.
 
 Each measurement is a fresh child process (peak RSS is per process): load, build the method,
-one warm-up step, timed steps. Contenders alternate round-robin; medians are reported.
+one warm-up step, timed steps. Contenders alternate round-robin; medians are reported. peftlab's
+steps run inside ``model.lean_loss()``, as ``peftlab.train`` runs them by default (``--no-lean-loss``:
+the model's ordinary forward and loss, as PEFT's).
 
     python benchmarks/methods_step.py [--methods lora,loha,...] [--rounds 2] [--batch 4] [--seq 128]
 """
@@ -49,7 +51,7 @@ def row_inputs(method: str, batch: int) -> dict:
     return {"task_ids": torch.arange(batch) % METHODS[method][0]["num_tasks"]}
 
 
-def measure(contender: str, steps: int, batch: int, seq: int, threads: int) -> dict:
+def measure(contender: str, steps: int, batch: int, seq: int, threads: int, lean: bool = True) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -67,7 +69,8 @@ def measure(contender: str, steps: int, batch: int, seq: int, threads: int) -> d
 
         _, cls, kwargs = METHODS[method]
         model = peft.get_peft_model(model, getattr(peft, cls)(**kwargs))
-    step = make_train_step(model, batch, seq, row_inputs(method, batch))
+    context = model.lean_loss if lib == "peftlab" and lean else None
+    step = make_train_step(model, batch, seq, row_inputs(method, batch), context)
     step()
     times = [step() for _ in range(steps)]
     return {"step_s": statistics.median(times),
@@ -82,6 +85,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-lean-loss", dest="lean", action="store_false",
+                    help="peftlab without its lean loss (the ordinary forward and loss, as PEFT's)")
     a = ap.parse_args()
     methods = [m for m in a.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
@@ -90,8 +95,9 @@ def main() -> None:
     contenders = ["full-ft"] + [f"{lib}:{m}" for m in methods for lib in ("peftlab", "peft")
                                 if lib == "peftlab" or METHODS[m][1] is not None]
     print(f"train step, SmolLM2-135M fp32, batch {a.batch}x{a.seq}, {a.threads} threads, AdamW, "
-          f"{a.rounds} rounds x {a.steps} timed steps (medians)", flush=True)
-    res = round_robin(contenders, a.rounds, lambda c: run_isolated(measure, c, a.steps, a.batch, a.seq, a.threads))
+          f"{a.rounds} rounds x {a.steps} timed steps (medians), peftlab lean loss {'on' if a.lean else 'off'}",
+          flush=True)
+    res = round_robin(contenders, a.rounds, lambda c: run_isolated(measure, c, a.steps, a.batch, a.seq, a.threads, a.lean))
     step = {c: median(res[c], "step_s") for c in contenders}
     rss = {c: median(res[c], "peak_rss_mib") for c in contenders}
     print("\n| method | trainable (M) | peftlab step (s) | peft step (s) | peftlab / peft | peftlab / full FT "

@@ -187,6 +187,17 @@ def test_user_errors_are_one_line_with_exit_code_2(dirs, tmp_path):
                           "dtype must be one of float32, bfloat16, float16")
 
 
+def test_peftlab_debug_shows_the_traceback_of_a_value_error(dirs, tmp_path, monkeypatch):
+    """PEFTLAB_DEBUG=1: the ValueError/OSError that would be one line goes up with its traceback
+    (an internal bug can raise them too); 0 or unset keeps the one line."""
+    monkeypatch.setenv("PEFTLAB_DEBUG", "1")
+    result = run("inspect", dirs["base"], str(tmp_path))
+    assert result.exit_code != 0 and isinstance(result.exception, (ValueError, OSError))
+    assert "has no adapter_config.json" in str(result.exception)
+    monkeypatch.setenv("PEFTLAB_DEBUG", "0")
+    assert_one_line_error(run("inspect", dirs["base"], str(tmp_path)), "has no adapter_config.json")
+
+
 # -- method options --------------------------------------------------------------------------------------
 
 def test_methods_command_lists_every_method_and_its_flags():

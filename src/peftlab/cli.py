@@ -9,6 +9,7 @@ the command; see :class:`OneLineErrors`.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -27,7 +28,9 @@ class OneLineErrors(TyperGroup):
     """Runs the command line and turns user errors into one line on stderr, exit code 2.
 
     Click shows usage errors as several lines (usage, hint, message) and typer as a box; a
-    traceback is for bugs, not for a mistyped path or an invalid option value.
+    traceback is for bugs, not for a mistyped path or an invalid option value. A ``ValueError`` or
+    ``OSError`` raised deep inside can still be a bug: ``PEFTLAB_DEBUG=1`` lets them through with
+    their traceback.
     """
 
     def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None,
@@ -43,6 +46,8 @@ class OneLineErrors(TyperGroup):
                 sys.exit(exc.exit_code)
             _fail(exc.format_message(), getattr(exc, "exit_code", 2) or 2)
         except (ValueError, OSError) as exc:
+            if os.environ.get("PEFTLAB_DEBUG", "") not in ("", "0"):
+                raise
             _fail(str(exc) or type(exc).__name__, 2)
         except typer.Abort:
             _fail("aborted", 1)

@@ -94,6 +94,29 @@ def test_factored_delta_matches_dense_reference(n, d_in, d_out, r):
         torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
 
 
+def test_factored_delta_adds_into_the_base_output():
+    """Given the base layer's output, FactoredDelta returns base + ΔW x (one addmm), passes the
+    output's gradient to base unchanged, and leaves base itself untouched."""
+    n, d_in, d_out, r, s = 11, 20, 14, 3, 0.9
+    ws = _factors(d_out, r, d_in, torch.float64, seed=3)
+    x = torch.randn(n, d_in, dtype=torch.float64, requires_grad=True)
+    base = torch.randn(n, d_out, dtype=torch.float64, requires_grad=True)
+    before = base.detach().clone()
+    grad_out = torch.randn(n, d_out, dtype=torch.float64)
+    y = FactoredDelta.apply(x, *ws, s, base)
+    got = torch.autograd.grad(y, [x, *ws, base], grad_out)
+    y_ref = base + FactoredDelta.apply(x, *ws, s)
+    want = torch.autograd.grad(y_ref, [x, *ws, base], grad_out)
+    torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-12)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got[-1], grad_out, atol=0, rtol=0)
+    assert torch.equal(base.detach(), before)
+    assert torch.autograd.gradcheck(lambda x, b, *w: FactoredDelta.apply(x, *w, 0.7, b),
+                                    (x[:3, :5].detach().requires_grad_(), base[:3, :4].detach().requires_grad_(),
+                                     *_factors(4, 2, 5, torch.float64, seed=1)))
+
+
 @pytest.mark.parametrize("n,d_in,d_out,r", [(5, 7, 6, 2), (3, 4, 9, 3)])
 def test_factored_delta_gradcheck(n, d_in, d_out, r):
     x = torch.randn(n, d_in, dtype=torch.float64, requires_grad=True)

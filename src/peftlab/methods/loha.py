@@ -88,23 +88,29 @@ def col_khatri_rao(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class FactoredDelta(torch.autograd.Function):
     """ΔW x on the factored route: x (N, d_in), W1a, W2a (d_out, r), W1b, W2b (r, d_in) → (N, d_out).
 
-    Forward: h = s · x Vᵀ (N, r²), then h Uᵀ. Backward, with g = ∂L/∂y (N, d_out) and
-    t = s · g U (N, r²) = ∂L/∂(x Vᵀ):  dx = t V,  dU = gᵀ h (d_out, r²),  dV = tᵀ x (r², d_in),
-    and through U[i, (a, b)] = W1a[i, a] W2a[i, b], V[(a, b), j] = W1b[a, j] W2b[b, j]:
+    Forward: h = s · x Vᵀ (N, r²), then h Uᵀ — added to ``base`` (the base layer's (N, d_out)
+    output) in the same GEMM when given, one pass over the output instead of two. Backward, with
+    g = ∂L/∂y (N, d_out) and t = s · g U (N, r²) = ∂L/∂(x Vᵀ):  dx = t V,  dU = gᵀ h (d_out, r²),
+    dV = tᵀ x (r², d_in), and through U[i, (a, b)] = W1a[i, a] W2a[i, b], V[(a, b), j] = W1b[a, j] W2b[b, j]:
     dW1a[i, a] = Σ_b dU[i, a, b] W2a[i, b], dW2a[i, b] = Σ_a dU[i, a, b] W1a[i, a], and likewise for
     W1b, W2b with dV. Autograd through the plain expression does the same GEMMs but keeps U and V
     (d × r² each) alive until backward; here only x and h are kept (U, V cost d·r² to rebuild).
     """
 
     @staticmethod
-    def forward(ctx, x, w1a, w1b, w2a, w2b, scaling: float):
+    def forward(ctx, x, w1a, w1b, w2a, w2b, scaling: float, base=None):
         # Under autocast the GEMMs below run in the autocast dtype; backward must run the same way.
         device = x.device.type
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         h = (x @ col_khatri_rao(w1b, w2b).T).mul_(scaling)  # (N, r²): scale the smallest tensor
         ctx.save_for_backward(x, h, w1a, w1b, w2a, w2b)
         ctx.scaling = scaling
-        return h @ row_khatri_rao(w1a, w2a).T  # (N, d_out)
+        u = row_khatri_rao(w1a, w2a)
+        if base is None:
+            return h @ u.T  # (N, d_out)
+        if ctx.autocast[2] or base.dtype != h.dtype:
+            return base + (h @ u.T).to(base.dtype)
+        return torch.addmm(base, h, u.T)  # base + h Uᵀ in one pass over the (N, d_out) output
 
     @staticmethod
     @once_differentiable
@@ -117,8 +123,11 @@ class FactoredDelta(torch.autograd.Function):
             dU = (g.T @ h).view(-1, r, r)  # (d_out, r, r)
             dV = (t.T @ x).view(r, r, -1)  # (r, r, d_in)
             dx = t @ col_khatri_rao(w1b, w2b) if ctx.needs_input_grad[0] else None
-            return (dx, torch.einsum("iab,ib->ia", dU, w2a), torch.einsum("abj,bj->aj", dV, w2b),
-                    torch.einsum("iab,ia->ib", dU, w1a), torch.einsum("abj,aj->bj", dV, w1b), None)
+            grads = (dx, torch.einsum("iab,ib->ia", dU, w2a), torch.einsum("abj,bj->aj", dV, w2b),
+                     torch.einsum("iab,ia->ib", dU, w1a), torch.einsum("abj,aj->bj", dV, w1b), None)
+            if len(ctx.needs_input_grad) == 6:  # called without base
+                return grads
+            return grads + (g if ctx.needs_input_grad[6] else None,)
 
 
 def choose_forward_mode(d_in: int, d_out: int, r: int, tokens: int, n_adapters: int = 1) -> str:
@@ -213,17 +222,18 @@ class LoHaLayer(AdapterLayer):
             return result if delta is None else result + delta.to(result.dtype)
         for name in route.active:
             if name in self.hada_w1_a and name not in self.merged:
-                result = result + self._delta_out(x, name).to(result.dtype)
+                result = self._add_delta(result, x, name)
         return result
 
-    def _delta_out(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """ΔW x for one adapter on every row, (..., d_out)."""
+    def _add_delta(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """result + ΔW x for one adapter on every row, (..., d_out)."""
         x = x.to(self.hada_w1_a[name].dtype)
         if self.mode_for([name], x.numel() // self.in_features) == "factored":
             w1a, w1b, w2a, w2b = (getattr(self, key)[name] for key in _FACTORS)
-            out = FactoredDelta.apply(x.reshape(-1, self.in_features), w1a, w1b, w2a, w2b, self.scaling[name])
-            return out.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.delta(name))
+            out = FactoredDelta.apply(x.reshape(-1, self.in_features), w1a, w1b, w2a, w2b, self.scaling[name],
+                                      result.reshape(-1, self.out_features))
+            return out.view(result.shape)
+        return result + F.linear(x, self.delta(name)).to(result.dtype)
 
     def _mixed_delta(self, x: torch.Tensor, route: Route) -> torch.Tensor | None:
         """Each row with its own adapter: stack per-adapter tensors once, gather per row, ``bmm``.

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -37,6 +38,7 @@ from transformers import (
 )
 
 from ..quant import SCHEMES, quantize_model
+from .quantized import stream_quantized
 
 # Task name -> the Auto class that builds a model for it. Shared with `tiny()`.
 TASKS: dict[str, type] = {
@@ -241,10 +243,17 @@ def _from_pretrained(
     num_labels: int | None,
     dtype: torch.dtype,
     kwargs: dict[str, Any],
+    quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if num_labels is not None:
         kwargs = {**kwargs, "num_labels": num_labels}
-    model = TASKS[task].from_pretrained(source, dtype=dtype, **kwargs)
+    # Quantised: straight from the files when they allow it, else load whole and quantise.
+    model = stream_quantized(source, TASKS[task], dtype, quantize, kwargs) if quantize is not None else None
+    if model is None:
+        model = TASKS[task].from_pretrained(source, dtype=dtype, **kwargs)
+        if quantize is not None:
+            quantize_model(model, quantize)
+            _own_memory(model)
     tokenizer_kwargs = {key: kwargs[key] for key in _TOKENIZER_KWARGS if key in kwargs}
     tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
     _ensure_pad_token(model, tokenizer)
@@ -276,6 +285,9 @@ def load(
         quantize: ``"nf4"`` or ``"int8"`` to store the linear layers quantised
             (:func:`peftlab.quant.quantize_model`; heads and embeddings stay in ``dtype``), for
             adapters to train on a frozen quantised base. None keeps every weight in ``dtype``.
+            A local safetensors checkpoint is read tensor by tensor straight into the quantised
+            model (:mod:`peftlab.models.quantized`), so the dense model never exists whole; other
+            sources are loaded whole, then quantised.
         **kwargs: passed to the Auto class's ``from_pretrained`` (``revision``, ``token``,
             ``trust_remote_code``, ``local_files_only`` and ``subfolder`` also reach the
             tokenizer).
@@ -291,10 +303,28 @@ def load(
     """
     if quantize is not None and quantize not in SCHEMES:
         raise ValueError(f"quantize={quantize!r} is not a scheme; use one of {SCHEMES} or None (no quantisation).")
-    model, tokenizer = _load(name_or_path, task, num_labels, dtype, cache_dir, kwargs)
-    if quantize is not None:
-        quantize_model(model, quantize)
-    return model, tokenizer
+    return _load(name_or_path, task, num_labels, dtype, cache_dir, kwargs, quantize)
+
+
+def _own_memory(model: nn.Module) -> None:
+    """Copy the parameters and buffers that still view the checkpoint's memory map into memory of
+    their own, so the map (and every page of it that quantising read) is released.
+
+    ``from_pretrained`` maps safetensors files and its tensors view the map. After
+    :func:`~peftlab.quant.quantize_model` has replaced the linear weights, the tensors left (embeddings,
+    norms, heads) would keep the whole map alive, and with it each page quantisation touched: on
+    SmolLM2-135M, 500 MB of file pages resident for the 115 MB those tensors need. A mapped storage
+    cannot be resized, which is how it is found (a storage borrowed from numpy cannot either; owning
+    a copy of it is harmless).
+    """
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.untyped_storage().resizable():
+                param.data = param.data.clone()
+        for module in model.modules():
+            for key, buffer in module._buffers.items():
+                if buffer is not None and not buffer.untyped_storage().resizable():
+                    module._buffers[key] = buffer.clone()
 
 
 def _load(
@@ -304,6 +334,7 @@ def _load(
     dtype: torch.dtype,
     cache_dir: str | os.PathLike | None,
     kwargs: dict[str, Any],
+    quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     _check_task(task)
     if task == "seq-cls" and num_labels is None:
@@ -323,7 +354,7 @@ def _load(
                 f"use one of {', '.join(map(repr, alias.tasks))}."
             )
         source = alias.locate(_cache_root(cache_dir))
-        return _from_pretrained(source, task, num_labels, dtype, kwargs)
+        return _from_pretrained(source, task, num_labels, dtype, kwargs, quantize)
 
     if not Path(name_or_path).exists() and not _HUB_ID.match(name_or_path):
         raise FileNotFoundError(
@@ -331,7 +362,7 @@ def _load(
             + _offline_hint()
         )
     try:
-        return _from_pretrained(name_or_path, task, num_labels, dtype, kwargs)
+        return _from_pretrained(name_or_path, task, num_labels, dtype, kwargs, quantize)
     except OSError as err:
         raise OSError(
             f"Could not load {name_or_path!r} as a local directory or from the Hugging Face Hub: "

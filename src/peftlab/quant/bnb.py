@@ -5,7 +5,8 @@ path. The format is QLoRA's NF4 too (bitsandbytes stores the double-quantised sc
 8-bit dynamic code where we use linear int8). The subclass below adds the two methods merging
 needs (``dequantize``, ``quantize_like``) and ``quantized_nbytes`` for :func:`memory_report`.
 
-peftlab's tests run on CPU without bitsandbytes, so this path is not exercised by them.
+peftlab's tests run on CPU, where this layer is not used; they use bitsandbytes' functional API
+(which runs on CPU) as the oracle for :mod:`.nf4`'s levels and round-trip error.
 """
 
 from __future__ import annotations

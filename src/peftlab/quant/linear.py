@@ -67,18 +67,25 @@ class QuantLinear(nn.Linear):
                     **options) -> "QuantLinear":
         """Quantise ``linear``'s weight with ``scheme`` ("nf4" or "int8"); ``options`` as in
         :func:`.nf4.quantize` (int8 takes none)."""
+        return cls.from_weight(linear.weight, linear.bias, scheme, chunk_rows=chunk_rows, **options)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, scheme: str = "nf4", *,
+                    dtype: torch.dtype | None = None, chunk_rows: int | None = None, **options) -> "QuantLinear":
+        """A layer for the (d_out, d_in) ``weight`` quantised with ``scheme``, and ``bias``; it
+        dequantises to ``dtype`` (default: the weight's)."""
         check_scheme(scheme)
         unknown = sorted(set(options) - set(_OPTIONS[scheme]))
         if unknown:
             raise ValueError(f"{scheme} quantisation takes options {sorted(_OPTIONS[scheme]) or 'none'}, got {unknown}")
         options = {**_OPTIONS[scheme], **options}
         quantize = nf4.quantize if scheme == "nf4" else int8.quantize
-        state = quantize(linear.weight, **options)
-        dtype = linear.weight.dtype
+        state = quantize(weight, **options)
+        dtype = dtype or weight.dtype
         # Scales and levels take the layer's dtype, so the dequantised weight has it too.
         state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}
-        return cls(linear.in_features, linear.out_features, scheme, state, linear.bias,
-                   options=options, chunk_rows=chunk_rows)
+        d_out, d_in = weight.shape
+        return cls(d_in, d_out, scheme, state, bias, options=options, chunk_rows=chunk_rows)
 
     # -- the weight, dequantised ------------------------------------------------------------------
     @property
