@@ -38,7 +38,7 @@ from transformers import (
 )
 
 from ..quant import SCHEMES, quantize_model
-from .quantized import stream_quantized
+from .quantized import release_freed_memory, stream_quantized
 
 # Task name -> the Auto class that builds a model for it. Shared with `tiny()`.
 TASKS: dict[str, type] = {
@@ -254,6 +254,7 @@ def _from_pretrained(
         if quantize is not None:
             quantize_model(model, quantize)
             _own_memory(model)
+            release_freed_memory()
     tokenizer_kwargs = {key: kwargs[key] for key in _TOKENIZER_KWARGS if key in kwargs}
     tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
     _ensure_pad_token(model, tokenizer)

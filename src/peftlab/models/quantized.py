@@ -107,7 +107,7 @@ def stream_quantized(source: str | Path, model_class: type, dtype: torch.dtype, 
             model.generation_config = GenerationConfig.from_pretrained(source)
         except OSError:
             pass  # no generation_config.json: from_config's default, as from_pretrained leaves it
-    _release_freed_memory()
+    release_freed_memory()
     return model
 
 
@@ -148,7 +148,7 @@ def _tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``) — quantising a layer
     leaves a few weight-sized temporaries behind in the heap; elsewhere, nothing to do."""
     try:
