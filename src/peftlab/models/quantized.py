@@ -62,9 +62,7 @@ def stream_quantized(source: str | Path, model_class: type, dtype: torch.dtype, 
         model = model_class.from_config(config, dtype=dtype)
     model.tie_weights()
 
-    names: dict[str, str] = {}  # checkpoint key -> file
-    for path in files:
-        names.update(dict.fromkeys(_header(path)[0], str(path)))
+    names = {key for path in files for key in _header(path)[0]}  # the checkpoint's tensors
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = {n: b for n, b in model.named_buffers(remove_duplicate=False) if n in model.state_dict()}
     groups: dict[int, list[str]] = {}  # a tied parameter answers to several names
