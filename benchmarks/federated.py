@@ -71,6 +71,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--only", default="", help="comma-separated contenders to run (default: all)")
     p.add_argument("--quick", action="store_true", help="3 rounds x 3 local steps, batch 8, 32 tokens, 256 test quotes")
     p.add_argument("--threads", type=int, default=1, help="torch threads (per Ray worker: 1)")
+    p.add_argument("--local-eval-every", type=int, default=1,
+                   help="local only: score each client every N rounds (0: only before and after; the "
+                        "eight clients' evaluations dominate this contender's time)")
     p.add_argument("--out", type=Path, default=Path("out/bench-federated"))
     args = p.parse_args()
     if args.quick:
@@ -134,7 +137,8 @@ def local_only(parts, test, args, pad_id) -> dict:
     base = get_peft_model(load("minilm-l6", task="seq-cls", num_labels=8)[0], LORA)
     initial = {k: v.detach().clone() for k, v in base.adapter_state_dict().items()}
     collate_fn = partial(collate, pad_id=pad_id)
-    scores = np.zeros((len(parts), args.rounds + 1))
+    scores = np.full((len(parts), args.rounds + 1), np.nan)  # NaN: a round not scored (--local-eval-every)
+    every = args.local_eval_every
     for c, rows in enumerate(parts):
         base.load_adapter_state_dict("default", initial)
         scores[c, 0] = evaluate(base, test, collate_fn, batch_size=64)["accuracy"]
@@ -143,7 +147,8 @@ def local_only(parts, test, args, pad_id) -> dict:
             train(base, rows, collate_fn=collate_fn,
                   args=TrainArgs(steps=args.local_steps, batch_size=min(args.batch_size, len(rows)), lr=args.lr,
                                  seed=client_seed(0, r, c), progress=False))
-            scores[c, r] = evaluate(base, test, collate_fn, batch_size=64)["accuracy"]
+            if r == args.rounds or (every and r % every == 0):
+                scores[c, r] = evaluate(base, test, collate_fn, batch_size=64)["accuracy"]
         print(f"  [local only] client {c}: {len(rows)} rows, accuracy {scores[c, -1]:.3f}", file=sys.stderr, flush=True)
     return {"accuracy": scores.mean(0).tolist(), "per_client_final": scores[:, -1].tolist(), "bytes": 0}
 
@@ -195,7 +200,8 @@ def main() -> None:
     for name, res in results.items():
         sent = human(res["bytes"]) if res["bytes"] else "0"
         full = human(res["full_model_bytes"]) if res.get("full_model_bytes") else "-"
-        print(f"| {name} | " + " | ".join(f"{a:.3f}" for a in res["accuracy"]) + f" | {sent} | {full} |")
+        print(f"| {name} | " + " | ".join("—" if a != a else f"{a:.3f}" for a in res["accuracy"])
+              + f" | {sent} | {full} |")
     for name, res in results.items():
         if "svd_residual" in res:
             print(f"\n{name}: SVD truncation residual per round (largest module): "
