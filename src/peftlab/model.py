@@ -23,7 +23,7 @@ from .formats import hf_peft
 from .layers import AdapterLayer, ModulesToSaveLayer
 from . import attention
 from .lean import lean_forward
-from .ops.loss import DEFAULT_CHUNK_SIZE, HeadContext
+from .ops.loss import DEFAULT_CHUNK_SIZE, HeadContext, check_chunk_size
 from .prompts import prepend_prompts
 from .routing import BASE, Route, Router, RoutingError, check_adapter_name
 from .targeting import logical_modules, matches, physical_path, unwrap
@@ -301,8 +301,7 @@ class PeftModel(nn.Module):
         sequence classification, encoder-decoders, logits the model changes after its head — run
         as usual. ``enabled=False`` turns it off inside the block. See :attr:`lean_loss_enabled`.
         """
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-            raise ValueError(f"lean_loss(chunk_size={chunk_size!r}): use an integer >= 1 (rows per head call)")
+        check_chunk_size(chunk_size, "lean_loss")
         previous, self._lean_chunk_size = self._lean_chunk_size, chunk_size if enabled else None
         try:
             yield

@@ -29,12 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 from transformers import AutoConfig, GenerationConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
-from ..quant import DEFAULT_SKIP, QuantLinear
-from ..targeting import matches
+from ..quant import QuantLinear, quantizable
 
 
 def checkpoint_files(source: str | Path) -> list[Path] | None:
@@ -73,8 +71,7 @@ def stream_quantized(source: str | Path, model_class: type, dtype: torch.dtype, 
         return None  # a new head, renamed or extra keys: from_pretrained knows how to handle those
 
     shared = {id(p) for p in params.values() if len(groups[id(p)]) > 1}
-    targets = {path: m for path, m in model.named_modules()
-               if type(m) is nn.Linear and not matches(path, DEFAULT_SKIP) and id(m.weight) not in shared}
+    targets = {path: m for path, m in quantizable(model) if id(m.weight) not in shared}
     states: dict[str, torch.Tensor] = {}  # target path -> its weight, until its bias is loaded too
     loaded: set[str] = set()
     with torch.no_grad():
@@ -98,8 +95,7 @@ def stream_quantized(source: str | Path, model_class: type, dtype: torch.dtype, 
                 del tensor
     if states:  # cannot happen when every name was present; refuse rather than keep placeholders
         raise RuntimeError(f"layers left unquantised while streaming {source}: {sorted(states)}")
-    model.tie_weights()
-    model.eval()
+    model.eval()  # ties made before loading hold: tensors were assigned into the tied parameters
     if model.can_generate():
         try:
             model.generation_config = GenerationConfig.from_pretrained(source)

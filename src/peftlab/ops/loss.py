@@ -38,6 +38,13 @@ their gradient). On SmolLM2 at 8×128 this peaked 270 MiB lower than 1024 rows a
 HeadContext = Callable[[torch.Tensor], ContextManager]
 
 
+def check_chunk_size(chunk_size: object, caller: str) -> None:
+    """Refuse a ``chunk_size`` that is not an integer >= 1, naming ``caller``."""
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"{caller}: chunk_size must be an integer >= 1 (rows per head call), "
+                         f"got chunk_size={chunk_size!r}")
+
+
 def causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, *,
                    num_items_in_batch: torch.Tensor | int | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
                    ignore_index: int = IGNORE_INDEX, head_context: HeadContext | None = None) -> torch.Tensor:
@@ -56,8 +63,7 @@ def causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, 
             returns a context entered around that chunk's ``head`` call (e.g. a per-row route for
             adapters inside the head).
     """
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1 (rows per head call), got {chunk_size!r}")
+    check_chunk_size(chunk_size, "causal_lm_loss")
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(f"causal_lm_loss needs hidden (B, T, d) and labels (B, T); got hidden "
                          f"{tuple(hidden.shape)} and labels {tuple(labels.shape)}")

@@ -44,6 +44,12 @@ def _use_bitsandbytes(backend: str, scheme: str, linear: nn.Linear) -> bool:
     return usable
 
 
+def quantizable(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP) -> list[tuple[str, nn.Linear]]:
+    """(path, layer) of every layer :func:`quantize_model` replaces: plain ``nn.Linear`` modules not
+    matched by ``skip``."""
+    return [(path, m) for path, m in model.named_modules() if type(m) is nn.Linear and not matches(path, skip)]
+
+
 def quantize_model(model: nn.Module, scheme: str = "nf4", *, skip: tuple[str, ...] = DEFAULT_SKIP,
                    block_size: int = BLOCK_SIZE, double_quant: bool = True, chunk_rows: int | None = None,
                    backend: str = "auto") -> nn.Module:
@@ -67,8 +73,7 @@ def quantize_model(model: nn.Module, scheme: str = "nf4", *, skip: tuple[str, ..
     if any(isinstance(m, AdapterLayer) for m in model.modules()):
         raise ValueError("the model already has adapter layers; quantize the base model first, then call get_peft_model")
     options = {"block_size": block_size, "double_quant": double_quant} if scheme == "nf4" else {}
-    targets = [(path, m) for path, m in model.named_modules() if type(m) is nn.Linear and not matches(path, skip)]
-    for path, linear in targets:
+    for path, linear in quantizable(model, skip):
         if _use_bitsandbytes(backend, scheme, linear):
             layer = bnb.to_bnb_nf4(linear, block_size=block_size, double_quant=double_quant)
         else:
@@ -106,4 +111,4 @@ def memory_report(model: nn.Module) -> dict[str, int | float | None]:
 
 
 __all__ = ["BACKENDS", "DEFAULT_SKIP", "NF4_CODE", "QuantLinear", "SCHEMES", "memory_report", "nf4_code",
-           "quantize_model"]
+           "quantizable", "quantize_model"]
