@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 def make_train_step(model, batch: int, seq: int, extra_inputs: dict | None = None,
                     context: Callable[[], Any] | None = None) -> Callable[[], float]:
-    """An AdamW step over the model's trainable parameters on fixed random tokens; returns seconds.
+    """An AdamW step over the model's trainable parameters on fixed random tokens, on the model's
+    device; returns seconds (on CUDA, until the step's kernels have finished).
 
     ``extra_inputs`` go to every forward as they are (per-row inputs a method needs, e.g. the
     (batch,) ``task_ids`` of multitask prompt tuning). ``context``, if given, makes a context
@@ -32,15 +33,21 @@ def make_train_step(model, batch: int, seq: int, extra_inputs: dict | None = Non
 
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    device = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, **(extra_inputs or {})}
+    data = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in data.items()}
+    # A GPU runs asynchronously: a step is over when its kernels are.
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step() -> float:
+        sync()
         t = time.perf_counter()
         with context() if context is not None else contextlib.nullcontext():
             model(**data).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         return time.perf_counter() - t
 
     return step
@@ -54,6 +61,8 @@ def _child(fn: Callable[..., dict], args: tuple, queue) -> None:
     try:
         out = fn(*args)
         out["peak_rss_mib"] = peak_rss_mib()
+        if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
+            out["peak_gpu_mib"] = sys.modules["torch"].cuda.max_memory_allocated() / 2**20
         queue.put(out)
     except BaseException as exc:  # report, don't hang the parent
         queue.put({"error": f"{type(exc).__name__}: {exc}"})

@@ -8,8 +8,11 @@ random tokens as ``lora_step.py`` for every contender.
    Contenders: full fine-tuning, PEFT, peftlab as it trains by default (lean loss and fused
    shared-input LoRA on), peftlab with one trick flipped at a time (lean loss off, fusion off,
    gradient checkpointing on, ``torch.compile`` on with ``--compile``, after a probe that inductor
-   works here), and peftlab on an NF4 base. A trick this checkout does not have yet is reported
-   and left out; a contender that fails is reported and the exit status is 1.
+   works here, glibc's malloc left alone: "-keep-freed"), and peftlab on an NF4 base. On the CPU,
+   peftlab runs with ``peftlab.runtime.keep_freed_memory()`` as ``peftlab.train`` does; "peft
+   +keep-freed" and "full-ft +keep-freed" give the others the same malloc setting. A trick this
+   checkout does not have yet is reported and left out; a contender that fails is reported and
+   the exit status is 1.
 2. Loss curves on real text (Debian's ``fortunes`` quotes as causal-LM text rows), LoRA trained by
    ``peftlab.train.train`` on an fp32 base and on an NF4 base, same seed and data; a second fp32 run
    with another LoRA initialisation gives the seed-to-seed spread. "Within noise" is claimed only
@@ -18,7 +21,15 @@ random tokens as ``lora_step.py`` for every contender.
 ``--labels completion`` labels only the last half of each row (SFT-like), where "no logits at
 positions without labels" pays; the issue's anchor labels every position (``--labels all``).
 
+On a GPU (``--device cuda --dtype bf16``) the table adds tokens/s and peak GPU memory
+(``torch.cuda.max_memory_allocated``), and the memory bar uses that. NF4 there is bitsandbytes'
+``Linear4bit`` (what ``quantize_model`` picks on CUDA), with peftlab's own NF4 beside it
+("peftlab nf4 torch") and PEFT's QLoRA on the same bitsandbytes layers ("peft nf4"). ``--config``
+builds the model from a config with random weights, for a machine without the checkpoint (the
+timings and memory do not depend on the weights' values; loss curves do, so it skips them).
+
     python benchmarks/lean_step.py [--rounds 3] [--labels all|completion] [--compile] [--json out/lean.json]
+    python benchmarks/lean_step.py --device cuda --dtype bf16 --config benchmarks/configs/smollm2-135m-instruct.json
     python benchmarks/lean_step.py --quick --threads 1      # tiny random Llama: checks the script (minutes: a process each)
 """
 
@@ -42,7 +53,7 @@ LORA = dict(r=8, lora_alpha=16, target_modules="all-linear")  # the same for pef
 
 # peftlab's default training configuration; each trick row flips one of these.
 DEFAULT = {"lean_loss": True, "chunk_size": None, "fuse": True, "checkpointing": False, "compile": False,
-           "quantize": None}
+           "quantize": None, "backend": "auto", "keep_freed": True}
 # Contender -> (library, changes to DEFAULT for peftlab).
 CONTENDERS: dict[str, tuple[str, dict]] = {
     "full-ft": ("full", {}),
@@ -50,14 +61,24 @@ CONTENDERS: dict[str, tuple[str, dict]] = {
     "peftlab": ("peftlab", {}),
     "peftlab -lean-loss": ("peftlab", {"lean_loss": False}),
     "peftlab chunk 1024": ("peftlab", {"chunk_size": 1024}),
+    "peftlab chunk 4096": ("peftlab", {"chunk_size": 4096}),
+    "peftlab -keep-freed": ("peftlab", {"keep_freed": False}),
+    "peft +keep-freed": ("peft", {"keep_freed": True}),
+    "full-ft +keep-freed": ("full", {"keep_freed": True}),
     "peftlab -fuse": ("peftlab", {"fuse": False}),
     "peftlab +checkpointing": ("peftlab", {"checkpointing": True}),
     "peftlab +compile": ("peftlab", {"compile": True}),
     "peftlab nf4": ("peftlab", {"quantize": "nf4"}),
+    "peftlab nf4 torch": ("peftlab", {"quantize": "nf4", "backend": "torch"}),
+    "peft nf4": ("peft", {"quantize": "nf4", "backend": "bitsandbytes"}),
 }
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BARS = [("peftlab / full-ft step", "peftlab", "full-ft", "step_s", 0.70),
         ("peftlab / peft step", "peftlab", "peft", "step_s", 0.90),
-        ("peftlab / peft peak RSS", "peftlab", "peft", "peak_rss_mib", 0.80)]
+        ("peftlab / peft peak RSS", "peftlab", "peft", "peak_rss_mib", 0.80),
+        # Like for like: PEFT under the same malloc setting (printed when that contender ran).
+        ("peftlab / (peft +keep-freed) step", "peftlab", "peft +keep-freed", "step_s", 0.90),
+        ("peftlab / (peft +keep-freed) peak RSS", "peftlab", "peft +keep-freed", "peak_rss_mib", 0.80)]
 
 
 def missing_tricks() -> dict[str, str]:
@@ -72,15 +93,26 @@ def missing_tricks() -> dict[str, str]:
     return missing
 
 
-def base_model(setup: dict, quantize: str | None):
-    """SmolLM2 (or, with --quick, a tiny random Llama with SmolLM2's vocabulary), fp32 or quantised."""
+def base_model(setup: dict, quantize: str | None, backend: str = "auto"):
+    """SmolLM2 (with --config: its architecture, random weights; with --quick: a tiny random Llama
+    with SmolLM2's vocabulary) on the run's device and dtype, dense or quantised."""
     from peftlab.models import load, tiny
     from peftlab.quant import quantize_model
 
-    if setup["model"] != "tiny":
-        return load(setup["model"], quantize=quantize)[0]
-    model = tiny("llama", vocab_size=setup["vocab_size"])
-    return quantize_model(model, quantize) if quantize else model
+    device, dtype = torch.device(setup["device"]), DTYPES[setup["dtype"]]
+    if setup["model"] == "tiny":
+        model = tiny("llama", vocab_size=setup["vocab_size"])
+    elif setup["config"]:
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(setup["config"])
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    elif device.type == "cpu" and backend != "bitsandbytes":
+        return load(setup["model"], dtype=dtype, quantize=quantize)[0]  # quantised as it is read
+    else:
+        model = load(setup["model"], dtype=dtype)[0]
+    model = model.to(device=device, dtype=dtype)
+    return quantize_model(model, quantize, backend=backend) if quantize else model
 
 
 class _Forward(torch.nn.Module):
@@ -114,11 +146,17 @@ def measure(name: str, setup: dict) -> dict:
     torch.manual_seed(0)
     lib, changes = CONTENDERS[name]
     cfg = {**DEFAULT, **changes}
-    model = base_model(setup, cfg["quantize"])
+    # glibc malloc keeping freed memory: peftlab.train's default on the CPU; the others only when named.
+    if setup["device"] == "cpu" and changes.get("keep_freed", lib == "peftlab"):
+        from peftlab import runtime
+
+        runtime.keep_freed_memory()
+    model = base_model(setup, cfg["quantize"], cfg["backend"])
     lean = None
     if lib == "peft":
         import peft
 
+        model.is_loaded_in_4bit = cfg["backend"] == "bitsandbytes"  # how PEFT finds bitsandbytes layers
         model = peft.get_peft_model(model, peft.LoraConfig(**LORA))
     elif lib == "peftlab":
         from peftlab import LoraConfig, get_peft_model, ops
@@ -133,20 +171,21 @@ def measure(name: str, setup: dict) -> dict:
     step = make_train_step(_Forward(model, call, setup["labels"], lean, cfg["chunk_size"]), setup["batch"],
                            setup["seq"])
     start = time.perf_counter()
-    step()  # warm-up: allocator, optimizer state, compilation
+    for _ in range(setup["warmup"]):
+        step()  # warm-up: allocator, optimizer state, compilation (kernel autotuning on a GPU)
     warmup = time.perf_counter() - start
     return {"step_s": statistics.median(step() for _ in range(setup["steps"])), "warmup_s": warmup,
             "trainable_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6}
 
 
-def compile_probe(threads: int) -> dict:
+def compile_probe(threads: int, device: str) -> dict:
     """A tiny Llama with LoRA, compiled, one forward and backward: does inductor work here?"""
     from peftlab import LoraConfig, get_peft_model
     from peftlab.models import tiny
 
     torch.set_num_threads(threads)
-    model = torch.compile(get_peft_model(tiny("llama"), LoraConfig(**LORA)))
-    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    model = torch.compile(get_peft_model(tiny("llama").to(device), LoraConfig(**LORA)))
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
     model(input_ids=ids, labels=ids).loss.backward()
     return {}
 
@@ -204,6 +243,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="the model's dtype (bf16: on a GPU)")
+    ap.add_argument("--config", metavar="PATH", help="build the model from this config.json with random weights "
+                    "(a machine without the checkpoint; no loss curves)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per child process before the timed ones")
     ap.add_argument("--labels", choices=("all", "completion"), default="all",
                     help="all positions labelled (the issue's anchor) or only each row's second half (SFT-like)")
     ap.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated subset of: " + ", ".join(CONTENDERS))
@@ -215,17 +259,25 @@ def main() -> None:
     if a.quick:
         a.rounds, a.steps, a.batch, a.seq = 1, 1, 2, 32
         a.curve_steps = min(a.curve_steps, 6)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
+    if a.config and a.curve_steps:
+        print("--config: random weights, so no loss curves (--curve-steps 0)", flush=True)
+        a.curve_steps = 0
     setup = {"model": "tiny" if a.quick else MODEL, "vocab_size": 49152, "threads": a.threads, "steps": a.steps,
-             "batch": a.batch, "seq": a.seq, "labels": a.labels, "curve_steps": a.curve_steps,
-             "curve_batch": 2 if a.quick else 8, "curve_length": 32 if a.quick else 128}
+             "warmup": a.warmup, "batch": a.batch, "seq": a.seq, "labels": a.labels, "curve_steps": a.curve_steps,
+             "curve_batch": 2 if a.quick else 8, "curve_length": 32 if a.quick else 128, "device": a.device,
+             "dtype": a.dtype, "config": a.config}
     if a.quick:
         print("--quick: a tiny random Llama; its timings check the script, not the library", flush=True)
     contenders = [c for c in a.contenders.split(",") if c]
     unknown = [c for c in contenders if c not in CONTENDERS]
     if unknown:
         ap.error(f"unknown contender(s) {unknown}; choose from {list(CONTENDERS)}")
-    print(f"lean LoRA step: {setup['model']} fp32, all-linear r=8, batch {a.batch}x{a.seq}, {a.labels} positions "
-          f"labelled, {a.threads} threads, AdamW; {a.rounds} rounds x {a.steps} timed steps (medians)", flush=True)
+    where = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"{a.threads} threads"
+    print(f"lean LoRA step: {setup['model']}{' (random weights from ' + a.config + ')' if a.config else ''} "
+          f"{a.dtype} on {a.device} ({where}), all-linear r=8, batch {a.batch}x{a.seq}, {a.labels} positions "
+          f"labelled, AdamW; {a.rounds} rounds x {a.steps} timed steps after {a.warmup} warm-up (medians)", flush=True)
 
     left_out = {}
     for trick, why in missing_tricks().items():
@@ -238,7 +290,7 @@ def main() -> None:
                                         "a tiny Llama's step slower; pass --compile to measure it")
     elif "peftlab +compile" in contenders:
         try:
-            run_isolated(compile_probe, a.threads)
+            run_isolated(compile_probe, a.threads, a.device)
         except RuntimeError as err:
             left_out["peftlab +compile"] = f"torch.compile fails on this machine: {err}"
     for c, why in left_out.items():
@@ -259,24 +311,34 @@ def main() -> None:
         return {"failed": 1}
 
     res = round_robin(contenders, a.rounds, attempt)
+    gpu = a.device.startswith("cuda")
+    mem = "peak_gpu_mib" if gpu else "peak_rss_mib"  # the memory the bars compare
     rows = {c: {"step_s": median(res[c], "step_s"), "peak_rss_mib": median(res[c], "peak_rss_mib"),
                 "warmup_s": median(res[c], "warmup_s"), "trainable_m": res[c][0]["trainable_m"], "runs": res[c]}
             for c in contenders if c not in failed}
+    for c, r in rows.items():
+        r["tokens_per_s"] = a.batch * a.seq / r["step_s"]
+        if gpu:
+            r["peak_gpu_mib"] = median(res[c], "peak_gpu_mib")
     report = {"setup": setup, "left_out": left_out, "failed": failed, "contenders": rows, "bars": [], "curves": None}
 
     def ratio(a_: str, b_: str, key: str) -> str:
         return f"{rows[a_][key] / rows[b_][key]:.2f}x" if a_ in rows and b_ in rows else "—"
 
-    print(f"\n1. step time and peak RSS ({a.rounds} rounds of child processes, {a.steps} timed steps each; medians)")
-    print("| contender | trainable (M) | step (s) | vs full FT | vs peft | vs peftlab | peak RSS (MiB) "
-          "| RSS vs peft | RSS vs peftlab | warm-up (s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    mem_name = "peak GPU memory" if gpu else "peak RSS"
+    print(f"\n1. step time and {mem_name} ({a.rounds} rounds of child processes, {a.steps} timed steps each; medians)")
+    print(f"| contender | trainable (M) | step ({'ms' if gpu else 's'}) | tokens/s | vs full FT | vs peft | vs peftlab "
+          f"| {mem_name} (MiB) | vs peft | vs peftlab | warm-up (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for c, r in rows.items():
-        print(f"| {c} | {r['trainable_m']:.2f} | {r['step_s']:.2f} | {ratio(c, 'full-ft', 'step_s')} "
-              f"| {ratio(c, 'peft', 'step_s')} | {ratio(c, 'peftlab', 'step_s')} | {r['peak_rss_mib']:.0f} "
-              f"| {ratio(c, 'peft', 'peak_rss_mib')} | {ratio(c, 'peftlab', 'peak_rss_mib')} | {r['warmup_s']:.1f} |")
+        step = f"{r['step_s'] * 1e3:.1f}" if gpu else f"{r['step_s']:.2f}"
+        print(f"| {c} | {r['trainable_m']:.2f} | {step} | {r['tokens_per_s']:.0f} | {ratio(c, 'full-ft', 'step_s')} "
+              f"| {ratio(c, 'peft', 'step_s')} | {ratio(c, 'peftlab', 'step_s')} | {r[mem]:.0f} "
+              f"| {ratio(c, 'peft', mem)} | {ratio(c, 'peftlab', mem)} | {r['warmup_s']:.1f} |")
     print()
     for label, num, den, key, bar in BARS:
+        if key == "peak_rss_mib":
+            label, key = label.replace("peak RSS", mem_name), mem
         if num in rows and den in rows:
             value = rows[num][key] / rows[den][key]
             report["bars"].append({"bar": label, "value": value, "limit": bar, "met": value <= bar})

@@ -2,8 +2,11 @@
 
 Each measurement is a fresh child process (peak RSS is per process): load, build the method,
 one warm-up step, timed steps. Contenders alternate round-robin; medians are reported. peftlab's
-steps run inside ``model.lean_loss()``, as ``peftlab.train`` runs them by default (``--no-lean-loss``:
-the model's ordinary forward and loss, as PEFT's).
+steps run as ``peftlab.train`` runs them by default: inside ``model.lean_loss()`` (``--no-lean-loss``:
+the model's ordinary forward and loss, as PEFT's), with glibc's malloc keeping freed memory
+(``peftlab.runtime.keep_freed_memory``; ``--no-keep-freed-memory`` turns it off).
+``--keep-freed-memory-all`` gives PEFT and full fine-tuning the same malloc setting, for a
+like-for-like comparison of the libraries' own work. Page faults per step are reported beside.
 
     python benchmarks/methods_step.py [--methods lora,loha,...] [--rounds 2] [--batch 4] [--seq 128]
 """
@@ -51,9 +54,16 @@ def row_inputs(method: str, batch: int) -> dict:
     return {"task_ids": torch.arange(batch) % METHODS[method][0]["num_tasks"]}
 
 
-def measure(contender: str, steps: int, batch: int, seq: int, threads: int, lean: bool = True) -> dict:
+def measure(contender: str, steps: int, batch: int, seq: int, threads: int, lean: bool = True,
+            keep_freed: bool = False) -> dict:
+    import resource
+
     import torch
 
+    from peftlab import runtime
+
+    if keep_freed:
+        runtime.keep_freed_memory()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     from peftlab.models import load
@@ -72,8 +82,10 @@ def measure(contender: str, steps: int, batch: int, seq: int, threads: int, lean
     context = model.lean_loss if lib == "peftlab" and lean else None
     step = make_train_step(model, batch, seq, row_inputs(method, batch), context)
     step()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     times = [step() for _ in range(steps)]
-    return {"step_s": statistics.median(times),
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return {"step_s": statistics.median(times), "faults_per_step": faults / steps,
             "trainable_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6}
 
 
@@ -87,6 +99,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-lean-loss", dest="lean", action="store_false",
                     help="peftlab without its lean loss (the ordinary forward and loss, as PEFT's)")
+    ap.add_argument("--no-keep-freed-memory", dest="keep", action="store_false",
+                    help="peftlab without the malloc setting peftlab.train uses on the CPU")
+    ap.add_argument("--keep-freed-memory-all", dest="keep_all", action="store_true",
+                    help="give PEFT and full fine-tuning the same malloc setting as peftlab")
     a = ap.parse_args()
     methods = [m for m in a.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
@@ -95,22 +111,30 @@ def main() -> None:
     contenders = ["full-ft"] + [f"{lib}:{m}" for m in methods for lib in ("peftlab", "peft")
                                 if lib == "peftlab" or METHODS[m][1] is not None]
     print(f"train step, SmolLM2-135M fp32, batch {a.batch}x{a.seq}, {a.threads} threads, AdamW, "
-          f"{a.rounds} rounds x {a.steps} timed steps (medians), peftlab lean loss {'on' if a.lean else 'off'}",
-          flush=True)
-    res = round_robin(contenders, a.rounds, lambda c: run_isolated(measure, c, a.steps, a.batch, a.seq, a.threads, a.lean))
+          f"{a.rounds} rounds x {a.steps} timed steps (medians), peftlab lean loss {'on' if a.lean else 'off'}, "
+          f"malloc keeps freed memory: {'all' if a.keep_all else 'peftlab' if a.keep else 'none'}", flush=True)
+
+    def run(c: str) -> dict:
+        keep = a.keep_all or (a.keep and c.startswith("peftlab:"))
+        return run_isolated(measure, c, a.steps, a.batch, a.seq, a.threads, a.lean, keep)
+
+    res = round_robin(contenders, a.rounds, run)
     step = {c: median(res[c], "step_s") for c in contenders}
     rss = {c: median(res[c], "peak_rss_mib") for c in contenders}
+    faults = {c: median(res[c], "faults_per_step") for c in contenders}
     print("\n| method | trainable (M) | peftlab step (s) | peft step (s) | peftlab / peft | peftlab / full FT "
-          "| peftlab RSS (MiB) | peft RSS (MiB) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| peftlab RSS (MiB) | peft RSS (MiB) | page faults per step, peftlab / peft |")
+    print("|---|---|---|---|---|---|---|---|---|")
     full = step["full-ft"]
-    print(f"| full fine-tuning | {res['full-ft'][0]['trainable_m']:.1f} | {full:.2f} | | | 1.00x | {rss['full-ft']:.0f} | |")
+    print(f"| full fine-tuning | {res['full-ft'][0]['trainable_m']:.1f} | {full:.2f} | | | 1.00x | {rss['full-ft']:.0f} | "
+          f"| {faults['full-ft']:.0f} |")
     for m in methods:
         ours, theirs = f"peftlab:{m}", f"peft:{m}"
         has = theirs in step  # PEFT has the method
         cells = [m, f"{res[ours][0]['trainable_m']:.3f}", f"{step[ours]:.2f}",
                  f"{step[theirs]:.2f}" if has else "—", f"{step[ours] / step[theirs]:.2f}x" if has else "—",
-                 f"{step[ours] / full:.2f}x", f"{rss[ours]:.0f}", f"{rss[theirs]:.0f}" if has else "—"]
+                 f"{step[ours] / full:.2f}x", f"{rss[ours]:.0f}", f"{rss[theirs]:.0f}" if has else "—",
+                 f"{faults[ours]:.0f} / {faults[theirs]:.0f}" if has else f"{faults[ours]:.0f}"]
         print("| " + " | ".join(cells) + " |")
 
 if __name__ == "__main__":

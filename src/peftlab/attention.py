@@ -107,7 +107,7 @@ def install(model: nn.Module, router: Router, adapters: nn.ModuleDict) -> None:
         # Seq2seq stacks read their own copy of the config (T5 deep-copies it per stack).
         module.config._attn_implementation = f"peftlab_{original}"
     model.config._attn_implementation = f"peftlab_{original}"
-    model.register_forward_pre_hook(_shift_positions(owner), with_kwargs=True)
+    model.register_forward_pre_hook(_ShiftPositions(owner), with_kwargs=True)
 
 
 def _bias_source(module: nn.Module, stack: str, sites: list[tuple[str, nn.Module, str]]) -> nn.Module | None:
@@ -148,9 +148,10 @@ def _original_function(module: nn.Module, original: str):
     return ALL_ATTENTION_FUNCTIONS[original]
 
 
-def _serving(route: Route, adapters: nn.ModuleDict) -> list[tuple[str, torch.Tensor | None]]:
-    """(adapter name, rows it serves or None for all rows) for the attention adapters in ``route``."""
-    return route.rows_of({n for n, m in adapters.items() if isinstance(m, AttentionAdapter)})
+def _serving(route: Route, adapters: nn.ModuleDict, device: torch.device) -> list[tuple[str, torch.Tensor | None]]:
+    """(adapter name, rows it serves — on ``device`` — or None for all rows) for the attention
+    adapters in ``route``."""
+    return route.rows_of({n for n, m in adapters.items() if isinstance(m, AttentionAdapter)}, device)
 
 
 def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
@@ -159,7 +160,7 @@ def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
     if site is None:  # attention we do not adapt (cross-attention) runs as before
         return fn(module, query, key, value, attention_mask, **kwargs)
     owner = site.owner
-    serving = _serving(owner.router.route, owner.adapters)
+    serving = _serving(owner.router.route, owner.adapters, query.device)
     if not serving:
         return fn(module, query, key, value, attention_mask, **kwargs)
 
@@ -238,18 +239,31 @@ def _prefix_bias(site: Site, module: nn.Module, q_len: int, k_len: int, P: int) 
     return source.compute_bias(q_len, P + k_len, past_seen_tokens=P + past)[..., :P]
 
 
-def _shift_positions(owner: _Attached):
-    """Forward pre-hook: the text of a row with a P-token prefix starts at position P."""
+class _ShiftPositions:
+    """Forward pre-hook: the text of a row with a P-token prefix starts at position P.
 
-    def hook(module, args, kwargs):
-        serving = [(owner.adapters[n].num_virtual_tokens, rows)
-                   for n, rows in _serving(owner.router.route, owner.adapters)]
-        serving = [(p, rows) for p, rows in serving if p]
-        if not serving or getattr(module.config, "is_encoder_decoder", False):
+    An object rather than a closure: ``copy.deepcopy`` of the model copies it along with the
+    model, so the copy's hook reads the copy's router (a closure would keep reading the original's).
+    """
+
+    _peftlab = True
+
+    def __init__(self, owner: _Attached) -> None:
+        self.owner = owner
+
+    def __call__(self, module, args, kwargs):
+        owner = self.owner
+        if getattr(module.config, "is_encoder_decoder", False):
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        ref = ids if ids is not None else embeds
+        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        if ref is None:
+            return None
+        serving = [(owner.adapters[n].num_virtual_tokens, rows)
+                   for n, rows in _serving(owner.router.route, owner.adapters, ref.device)]
+        serving = [(p, rows) for p, rows in serving if p]
+        if not serving:
+            return None
         batch, length = ref.shape[0], ref.shape[1]
         positions = kwargs.get("position_ids")
         if positions is None:
@@ -260,9 +274,6 @@ def _shift_positions(owner: _Attached):
         kwargs = dict(kwargs)
         kwargs["position_ids"] = positions + offset.view(-1, *([1] * (positions.dim() - 1)))
         return args, kwargs
-
-    hook._peftlab = True
-    return hook
 
 
 def _default_positions(kwargs, batch, length, device):

@@ -276,6 +276,7 @@ def train(
     from .data import collate, encode_records
     from .formats import atomic_write
     from .models import load, load_tokenizer
+    from .quant import quantize_model
     from .train import train as run_training
     from .train import distributed
 
@@ -311,7 +312,12 @@ def train(
         train_rows = [r for i, r in enumerate(train_rows) if i not in held]
 
     num_labels = len(encoded.label_names) if task == "seq-cls" else None
-    base, tokenizer = load(model, task=task, num_labels=num_labels, quantize=quantize)
+    # On a GPU the base is quantised layer by layer as it moves there, so NF4 gets bitsandbytes'
+    # CUDA layers where installed; on the CPU it is quantised as it is read.
+    on_gpu = device.type != "cpu"
+    base, tokenizer = load(model, task=task, num_labels=num_labels, quantize=None if on_gpu else quantize)
+    if on_gpu and quantize:
+        quantize_model(base, quantize, device=device)
     if encoded.label_names:
         base.config.id2label = dict(enumerate(encoded.label_names))
         base.config.label2id = {name: i for i, name in enumerate(encoded.label_names)}

@@ -10,11 +10,15 @@ on top of it and only ever run when called, never from ``.train()``/``.eval()``.
 
 A base module may store its weight compressed (:mod:`peftlab.quant`): it then offers
 ``dequantize()`` (a dense copy) and ``quantize_like(dense)`` (the same compression of another
-module's weight). Merging cannot write into a compressed weight, so ``PeftModel`` swaps the dense
-copy in first (:meth:`AdapterLayer.dequantize_base`) and every merge writes into that.
+module's weight); one whose ``weight`` attribute is not the dense weight (bitsandbytes' packed
+codes) also offers ``dense_weight()``, which :attr:`AdapterLayer.base_weight` reads. Merging cannot
+write into a compressed weight, so ``PeftModel`` swaps the dense copy in first
+(:meth:`AdapterLayer.dequantize_base`) and every merge writes into that.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn as nn
@@ -32,6 +36,19 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, Conv1D):
         return tuple(module.weight.shape)
     return module.in_features, module.out_features
+
+
+def floating_tensor(module: nn.Module) -> torch.Tensor:
+    """A floating-point parameter or buffer of ``module``: adapters beside it take its dtype and
+    device (a quantised block holds integer codes too, which say neither)."""
+    base = unwrap(module)
+    for t in itertools.chain(base.parameters(), base.buffers()):
+        if t.is_floating_point():
+            return t
+    for m in base.modules():  # a block of bitsandbytes layers: only packed codes
+        if hasattr(m, "dense_weight"):
+            return m.dense_weight()
+    raise ValueError(f"{type(base).__name__} holds no floating-point tensor to take a dtype and device from")
 
 
 class AdapterLayer(nn.Module):
@@ -76,7 +93,10 @@ class AdapterLayer(nn.Module):
 
     @property
     def base_weight(self) -> torch.Tensor:
-        return unwrap(self.base_layer).weight
+        """The base layer's weight as a dense tensor: bitsandbytes' packed NF4 codes are
+        dequantised (a fresh tensor then, as for :class:`~peftlab.quant.QuantLinear`)."""
+        base = unwrap(self.base_layer)
+        return base.dense_weight() if hasattr(base, "dense_weight") else base.weight
 
     # Model code sometimes reads a sub-layer's weight (T5 checks ``wo.weight.dtype``).
     @property
@@ -138,7 +158,7 @@ class AdapterLayer(nn.Module):
             return None
         dense = self.base_layer
         requantized = self.quantized_base.quantize_like(dense)
-        error = (requantized.weight.float() - dense.weight.float()).abs().max().item()
+        error = (requantized.dequantize().weight.float() - dense.weight.float()).abs().max().item()
         self.base_layer, self.quantized_base = requantized, None
         return error
 

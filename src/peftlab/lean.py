@@ -95,7 +95,7 @@ def refusal(model: nn.Module, kwargs: dict[str, Any]) -> str | None:
     return _REFUSED.get(model)
 
 
-def lean_forward(model: nn.Module, kwargs: dict[str, Any], *, chunk_size: int,
+def lean_forward(model: nn.Module, kwargs: dict[str, Any], *, chunk_size: int | None,
                  head_context: HeadContext | None = None) -> ModelOutput | None:
     """``model(**kwargs)`` with ``loss`` computed by :func:`~peftlab.ops.causal_lm_loss` and
     ``logits=None``; None (and nothing run) where :func:`refusal` gives a reason, or where the

@@ -23,7 +23,7 @@ from .formats import hf_peft
 from .layers import AdapterLayer, ModulesToSaveLayer
 from . import attention
 from .lean import lean_forward
-from .ops.loss import DEFAULT_CHUNK_SIZE, HeadContext, check_chunk_size
+from .ops.loss import HeadContext, check_chunk_size
 from .prompts import prepend_prompts
 from .routing import BASE, Route, Router, RoutingError, check_adapter_name
 from .targeting import logical_modules, matches, physical_path, unwrap
@@ -49,7 +49,8 @@ class PeftModel(nn.Module):
         self.model_adapters = nn.ModuleDict()
         self.peft_config: dict[str, AdapterConfig] = {}
         self._frozen_adapters: set[str] = set()
-        self._lean_chunk_size: int | None = None  # rows per head call inside lean_loss(); None = off
+        # Inside lean_loss(): {"chunk_size": rows per head call, None for the device's default}; None = off.
+        self._lean: dict | None = None
         for p in model.parameters():
             p.requires_grad_(False)
         self.add_adapter(adapter_name, config)
@@ -281,37 +282,38 @@ class PeftModel(nn.Module):
             if self.model_adapters:
                 kwargs = prepend_prompts(self.base_model, self.model_adapters, route, self._as_kwargs(args, kwargs))
                 args = ()
-            if self._lean_chunk_size is not None and len(args) <= 1:
+            if self._lean is not None and len(args) <= 1:
                 kwargs, args = self._as_kwargs(args, kwargs), ()
                 # The loss's gradients are made inside this route's scope; only per-row routes need
                 # the rows of each chunk of labelled positions routed again for the head.
-                out = lean_forward(self.base_model, kwargs, chunk_size=self._lean_chunk_size,
+                out = lean_forward(self.base_model, kwargs, chunk_size=self._lean["chunk_size"],
                                    head_context=self._rows_context(route))
                 if out is not None:
                     return out
             return self.base_model(*args, **kwargs)
 
     @contextmanager
-    def lean_loss(self, enabled: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[None]:
+    def lean_loss(self, enabled: bool = True, chunk_size: int | None = None) -> Iterator[None]:
         """Inside the block, a causal-LM forward with ``labels`` returns ``loss`` and ``logits=None``.
 
         The loss (and its gradients) equal the model's own, but come from the labelled positions
-        only, ``chunk_size`` of them per call of the output head, so the (B, T, vocab) logits and
-        their gradient never exist (:mod:`peftlab.lean`). Calls it cannot serve — no labels,
+        only, ``chunk_size`` of them per call of the output head (None: 256 on the CPU, 4096 on a
+        GPU; :func:`peftlab.ops.loss.default_chunk_size`), so the (B, T, vocab) logits and their
+        gradient never exist (:mod:`peftlab.lean`). Calls it cannot serve — no labels,
         sequence classification, encoder-decoders, logits the model changes after its head — run
         as usual. ``enabled=False`` turns it off inside the block. See :attr:`lean_loss_enabled`.
         """
         check_chunk_size(chunk_size, "lean_loss")
-        previous, self._lean_chunk_size = self._lean_chunk_size, chunk_size if enabled else None
+        previous, self._lean = self._lean, {"chunk_size": chunk_size} if enabled else None
         try:
             yield
         finally:
-            self._lean_chunk_size = previous
+            self._lean = previous
 
     @property
     def lean_loss_enabled(self) -> bool:
         """Whether forwards run inside an enabled :meth:`lean_loss` block."""
-        return self._lean_chunk_size is not None
+        return self._lean is not None
 
     def _rows_context(self, route: Route) -> HeadContext | None:
         """For a per-row route: given the batch row of each position in a chunk, route those rows."""

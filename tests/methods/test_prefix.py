@@ -1,5 +1,7 @@
 """Prefix tuning / P-tuning v2 against Hugging Face PEFT (the oracle) and its own promises."""
 
+import copy
+
 import peft
 import pytest
 import torch
@@ -74,6 +76,23 @@ def test_text_positions_start_after_the_prefix():
     model(input_ids=torch.tensor([[5, 6, 7]]))
     handle.remove()
     assert seen["pos"].tolist() == [[4, 5, 6]]
+
+
+def test_a_deep_copy_shifts_positions_by_its_own_routes():
+    """The position hook travels with copy.deepcopy: the copy's mixed rows read the copy's router
+    (a hook closing over the original's router once shifted them by the original's route)."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny("llama", "causal-lm").eval(), PrefixTuningConfig(num_virtual_tokens=3), adapter_name="a")
+    model.add_adapter("b", PrefixTuningConfig(num_virtual_tokens=5, prefix_projection=False))
+    copied = copy.deepcopy(model)
+    ids = make_inputs("llama")["input_ids"]
+    with torch.no_grad():
+        mixed = copied(input_ids=ids, adapter_names=["b", "a", "b"]).logits[:, -ids.shape[1]:]
+        for name in ("a", "b"):
+            model.set_adapter(name)
+            single = model(input_ids=ids).logits[:, -ids.shape[1]:]
+            rows = [i for i, n in enumerate(["b", "a", "b"]) if n == name]
+            torch.testing.assert_close(mixed[rows], single[rows], atol=1e-5, rtol=1e-5)
 
 
 # -- encoder-decoder (T5): Hugging Face PEFT's layout ---------------------------------------------

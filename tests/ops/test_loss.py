@@ -110,3 +110,20 @@ def test_bad_arguments_are_named():
         causal_lm_loss(hidden, head, labels, chunk_size=0)
     with pytest.raises(ValueError, match=r"labels \(B, T\)"):
         causal_lm_loss(hidden, head, labels[:, :4])
+
+
+def test_the_default_chunk_is_the_devices():
+    from peftlab.ops.loss import DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_SIZE_GPU, default_chunk_size
+
+    assert default_chunk_size(torch.device("cpu")) == DEFAULT_CHUNK_SIZE == 256
+    assert default_chunk_size(torch.device("cuda", 0)) == DEFAULT_CHUNK_SIZE_GPU == 4096
+    # 600 labelled rows on the CPU: chunk_size=None calls the head for 256, 256 and 88 rows.
+    g = torch.Generator().manual_seed(0)
+    head = nn.Linear(D, V)
+    sizes = []
+    head.register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[0]))
+    hidden = torch.randn(4, 151, D, generator=g)
+    labels = torch.randint(0, V, (4, 151), generator=g)
+    loss = causal_lm_loss(hidden, head, labels)
+    assert sizes == [256, 256, 88]
+    torch.testing.assert_close(loss, ForCausalLMLoss(head(hidden), labels, V).detach())

@@ -35,21 +35,28 @@ def counting_batches(seed=0):
         yield {"input_ids": ids, "labels": ids}
 
 
-def test_lora_on_an_nf4_base_learns_and_only_the_adapter_changes():
-    torch.manual_seed(0)
-    # lm_head stays dense (not quantised) and is adapted too: the tiny model's random head is flat.
-    model = get_peft_model(nf4_llama(), LoraConfig(r=8, lora_alpha=16, target_modules=r".*(_proj|lm_head)"))
-    codes = {p: m.codes.clone() for p, m in model.named_modules() if isinstance(m, QuantLinear)}
+def train_on_counting(model, device="cpu", steps=25) -> list[float]:
+    """AdamW on the counting task; asserts every step that gradients reach the adapter alone.
+    Returns the losses."""
     adapter = {id(t) for t in model.adapter_state_dict().values()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     losses = []
-    for _, batch in zip(range(25), counting_batches()):
-        loss = model(**batch).loss
+    for _, batch in zip(range(steps), counting_batches()):
+        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
         loss.backward()
         assert {id(p) for p in model.parameters() if p.grad is not None} == adapter
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
+    return losses
+
+
+def test_lora_on_an_nf4_base_learns_and_only_the_adapter_changes():
+    torch.manual_seed(0)
+    # lm_head stays dense (not quantised) and is adapted too: the tiny model's random head is flat.
+    model = get_peft_model(nf4_llama(), LoraConfig(r=8, lora_alpha=16, target_modules=r".*(_proj|lm_head)"))
+    codes = {p: m.codes.clone() for p, m in model.named_modules() if isinstance(m, QuantLinear)}
+    losses = train_on_counting(model)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.35 * first, f"loss did not fall clearly: {first:.3f} -> {last:.3f}"
     assert all(torch.equal(m.codes, codes[p]) for p, m in model.named_modules() if isinstance(m, QuantLinear))
@@ -81,6 +88,21 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(checkpointed[key], plain[key])
 
 
+def check_merge_round_trip(model, logits_of=None):
+    """merge_adapter swaps dense copies in and keeps the logits; unmerge_adapter puts the very same
+    quantised layers back. Returns the logits and {path: quantised layer}."""
+    logits_of = logits_of or logits
+    expected = logits_of(model)
+    quantized = {p: layer.base_layer for p, layer in model.adapter_layers()}
+    model.merge_adapter()
+    assert all(type(layer.base_layer) is nn.Linear for _, layer in model.adapter_layers())
+    torch.testing.assert_close(logits_of(model), expected, atol=1e-4, rtol=0)
+    model.unmerge_adapter()  # the quantised layers come back untouched: same objects, same codes
+    assert all(layer.base_layer is quantized[p] and layer.quantized_base is None for p, layer in model.adapter_layers())
+    torch.testing.assert_close(logits_of(model), expected, atol=1e-6, rtol=0)
+    return expected, quantized
+
+
 @pytest.mark.parametrize("config", [
     LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
     LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "up_proj"], init_weights=False),
@@ -89,15 +111,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
 def test_merge_dequantises_and_matches_the_adapter_model(config, scheme):
     model = get_peft_model(nf4_llama(scheme), config)
-    expected = logits(model)
-    quantized = {p: layer.base_layer for p, layer in model.adapter_layers()}
-
-    model.merge_adapter()
-    assert all(type(layer.base_layer) is nn.Linear for _, layer in model.adapter_layers())
-    torch.testing.assert_close(logits(model), expected, atol=1e-4, rtol=0)
-    model.unmerge_adapter()  # the quantised layers come back untouched: same objects, same codes
-    assert all(layer.base_layer is quantized[p] and layer.quantized_base is None for p, layer in model.adapter_layers())
-    torch.testing.assert_close(logits(model), expected, atol=1e-6, rtol=0)
+    expected, quantized = check_merge_round_trip(model)
 
     merged = model.merge_and_unload()
     assert all(type(merged.get_submodule(p)) is nn.Linear for p in quantized)

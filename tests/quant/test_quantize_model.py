@@ -51,8 +51,8 @@ def test_memory_of_a_realistic_stack_nf4_under_a_fifth_of_fp32():
 def test_refusals_name_the_fix():
     with pytest.raises(ValueError, match="quantize the base model first, then call get_peft_model"):
         quantize_model(get_peft_model(tiny("llama", "causal-lm"), LoraConfig(target_modules=["q_proj"])))
-    with pytest.raises(ValueError, match=r"backend='bitsandbytes' needs .* weights on CUDA \(got cpu\)"):
-        quantize_model(tiny("llama", "causal-lm"), backend="bitsandbytes")
+    with pytest.raises(ValueError, match=r"backend='bitsandbytes' needs scheme='nf4' \(got 'int8'\)"):
+        quantize_model(tiny("llama", "causal-lm"), "int8", backend="bitsandbytes")
     with pytest.raises(ValueError, match="backend must be one of"):
         quantize_model(tiny("llama", "causal-lm"), backend="cuda")
     with pytest.raises(ValueError, match="unknown quantisation scheme 'nf8'"):

@@ -43,7 +43,6 @@ the parallel adapter of a post-LN block, without copying any model code.
 from __future__ import annotations
 
 import inspect
-import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -54,7 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import AdapterConfig, ConfigError, register
-from ..layers import AdapterLayer, ModulesToSaveLayer, linear_features
+from ..layers import AdapterLayer, ModulesToSaveLayer, floating_tensor, linear_features
 from ..routing import Route
 from ..targeting import ALL_LINEAR, LINEAR_TYPES, TargetFields, find_targets, logical_modules, unwrap
 
@@ -169,12 +168,9 @@ class BottleneckLayer(AdapterLayer):
                 f"bottleneck size for adapter {name!r} is {self.out_features} // reduction_factor="
                 f"{config.reduction_factor} = {m}; use reduction_factor <= {self.out_features} or set bottleneck"
             )
-        # Blocks have no .weight; any base tensor will do (a quantised block may hold only buffers).
-        base = unwrap(self.base_layer)
-        ref = next(itertools.chain(base.parameters(), base.buffers()))
-        dtype = ref.dtype if ref.is_floating_point() else torch.float32
-        down = nn.Linear(self.in_features, m, device=ref.device, dtype=dtype)  # nn.Linear's default init
-        up = nn.Linear(m, self.out_features, device=ref.device, dtype=dtype)
+        ref = floating_tensor(self.base_layer)  # blocks have no .weight
+        down = nn.Linear(self.in_features, m, device=ref.device, dtype=ref.dtype)  # nn.Linear's default init
+        up = nn.Linear(m, self.out_features, device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
             if config.init == "zero":
                 for t in (down.bias, up.weight, up.bias):

@@ -38,7 +38,8 @@ from transformers import (
 )
 
 from ..quant import SCHEMES, quantize_model
-from .quantized import release_freed_memory, stream_quantized
+from ..runtime import release_freed_memory
+from .quantized import stream_quantized
 
 # Task name -> the Auto class that builds a model for it. Shared with `tiny()`.
 TASKS: dict[str, type] = {

@@ -21,7 +21,6 @@ the same tensors.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import struct
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from transformers import AutoConfig, GenerationConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from ..quant import QuantLinear, quantizable
+from ..runtime import release_freed_memory
 
 
 def checkpoint_files(source: str | Path) -> list[Path] | None:
@@ -140,13 +140,3 @@ def _tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             if f.readinto(raw.numpy()) != end - begin:
                 raise ValueError(f"{path} is truncated: tensor {name} ends past the end of the file")
             yield name, raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
-
-
-def release_freed_memory() -> None:
-    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``) — quantising a layer
-    leaves a few weight-sized temporaries behind in the heap; elsewhere, nothing to do."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-

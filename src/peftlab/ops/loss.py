@@ -31,22 +31,34 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 256
-"""Rows per chunk: with a 49k vocabulary, 256 rows of fp32 logits are 50 MB (and as much again for
-their gradient). On SmolLM2 at 8×128 this peaked 270 MiB lower than 1024 rows at the same step time
-(BENCHMARKS.md, lean step), and the head's matmuls stay large enough to run at full speed."""
+"""Rows per chunk on the CPU: with a 49k vocabulary, 256 rows of fp32 logits are 50 MB (and as much
+again for their gradient). On SmolLM2 at 8×128 this peaked 270 MiB lower than 1024 rows at the same
+step time (BENCHMARKS.md, lean step), and the head's matmuls stay large enough to run at full speed."""
+DEFAULT_CHUNK_SIZE_GPU = 4096
+"""Rows per chunk on a GPU, where each chunk's kernels cost launch time whatever their size: on an
+H100 (SmolLM2 bf16, 16×1024) 4096 rows stepped in 175 ms against 196 ms for 256, peaking at 12.9
+against 11.1 GiB (BENCHMARKS.md, lean step on a GPU)."""
 
 HeadContext = Callable[[torch.Tensor], ContextManager]
 
 
 def check_chunk_size(chunk_size: object, caller: str) -> None:
-    """Refuse a ``chunk_size`` that is not an integer >= 1, naming ``caller``."""
+    """Refuse a ``chunk_size`` that is neither None (the device's default) nor an integer >= 1,
+    naming ``caller``."""
+    if chunk_size is None:
+        return
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"{caller}: chunk_size must be an integer >= 1 (rows per head call), "
-                         f"got chunk_size={chunk_size!r}")
+        raise ValueError(f"{caller}: chunk_size must be an integer >= 1 (rows per head call) or None "
+                         f"(the device's default), got chunk_size={chunk_size!r}")
+
+
+def default_chunk_size(device: torch.device) -> int:
+    """:data:`DEFAULT_CHUNK_SIZE` on the CPU, :data:`DEFAULT_CHUNK_SIZE_GPU` on an accelerator."""
+    return DEFAULT_CHUNK_SIZE if device.type == "cpu" else DEFAULT_CHUNK_SIZE_GPU
 
 
 def causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, *,
-                   num_items_in_batch: torch.Tensor | int | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                   num_items_in_batch: torch.Tensor | int | None = None, chunk_size: int | None = None,
                    ignore_index: int = IGNORE_INDEX, head_context: HeadContext | None = None) -> torch.Tensor:
     """Shifted causal-LM cross-entropy of ``head(hidden)`` against ``labels``, a scalar fp32 tensor.
 
@@ -58,7 +70,8 @@ def causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, 
             ``labels[:, t + 1]``, the last position predicts nothing.
         num_items_in_batch: divide the summed loss by this instead of the number of labelled
             positions (``transformers``' convention for gradient accumulation).
-        chunk_size: labelled rows per call of ``head``.
+        chunk_size: labelled rows per call of ``head``; None: :func:`default_chunk_size` of
+            ``hidden``'s device.
         head_context: called with the batch row (B index) of each of a chunk's positions, (n,);
             returns a context entered around that chunk's ``head`` call (e.g. a per-row route for
             adapters inside the head).
@@ -67,6 +80,7 @@ def causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, 
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(f"causal_lm_loss needs hidden (B, T, d) and labels (B, T); got hidden "
                          f"{tuple(hidden.shape)} and labels {tuple(labels.shape)}")
+    chunk_size = chunk_size or default_chunk_size(hidden.device)
     labels = labels.to(hidden.device)
     shifted = F.pad(labels[:, 1:], (0, 1), value=ignore_index)  # (B, T): the token position t predicts
     scored = shifted != ignore_index
@@ -96,6 +110,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         d_hidden = torch.empty_like(hidden) if want_hidden else None  # (N, d), per unit of loss sum
         d_params = [torch.zeros_like(p, dtype=torch.float32) for p in want_params]
+        buffer = None
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
             h = hidden[start:end].detach().requires_grad_(want_hidden)
@@ -110,7 +125,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             # logsumexp and softmax from one exp: e = exp(z − max), lse = max + log Σe, softmax = e / Σe
             # (four passes over the (n, V) chunk, where logsumexp and then exp(z − lse) take six).
             top = z.amax(-1, keepdim=True)  # (n, 1)
-            d_logits = (z - top).exp_()
+            # One (chunk, V) buffer for every chunk's d_logits: a fresh tensor this size per chunk
+            # is a fresh mmap on the CPU, and its page faults cost as much as the exp itself.
+            if buffer is None:
+                buffer = torch.empty((min(chunk_size, hidden.shape[0]), z.shape[1]), dtype=z.dtype, device=z.device)
+            d_logits = torch.sub(z, top, out=buffer[: end - start]).exp_()
             sums = d_logits.sum(-1, keepdim=True)  # (n, 1), ≥ 1
             total += (top.squeeze(1) + sums.log().squeeze(1) - target_logit).sum()
             # d(Σ loss)/d logits = softmax − onehot: entries in [-1, 1], so no fp16 underflow here;
@@ -125,7 +144,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             for acc, g in zip(d_params, grads):
                 if g is not None:
                     acc += g
-            del logits, d_logits, grads  # free this chunk's (n, V) tensors before the next
+            del logits, d_logits, grads  # free this chunk's (n, V) logits before the next
         ctx.save_for_backward(d_hidden if want_hidden else None)
         ctx.d_params = list(zip(d_params, [p.dtype for p in want_params]))
         ctx.param_wanted = ctx.needs_input_grad[6:]

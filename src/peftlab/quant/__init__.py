@@ -18,6 +18,7 @@ A quantised base is for training and serving adapters: save the adapters, not th
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from ..layers import AdapterLayer
@@ -31,17 +32,18 @@ DEFAULT_SKIP = ("lm_head", "score", "classifier", "qa_outputs")
 
 
 def _use_bitsandbytes(backend: str, scheme: str, linear: nn.Linear) -> bool:
-    """auto: bitsandbytes for NF4 weights on CUDA when it is installed; torch: never."""
+    """auto: bitsandbytes for NF4 weights on CUDA when it is installed; bitsandbytes: always (its
+    ``Linear4bit`` runs on CPU too, slower than on CUDA); torch: never."""
     if backend == "torch":
         return False
-    usable = scheme == "nf4" and linear.weight.is_cuda and bnb.available()
-    if backend == "bitsandbytes" and not usable:
-        raise ValueError(
-            f"backend='bitsandbytes' needs scheme='nf4' (got {scheme!r}), weights on CUDA (got "
-            f"{linear.weight.device}) and bitsandbytes installed ({'yes' if bnb.available() else 'no'}); "
-            f"use backend='torch' or 'auto'"
-        )
-    return usable
+    if backend == "bitsandbytes":
+        if scheme != "nf4" or not bnb.available():
+            raise ValueError(
+                f"backend='bitsandbytes' needs scheme='nf4' (got {scheme!r}) and bitsandbytes installed "
+                f"({'yes' if bnb.available() else 'no: pip install bitsandbytes'}); or use backend='torch' or 'auto'"
+            )
+        return True
+    return scheme == "nf4" and linear.weight.is_cuda and bnb.available()
 
 
 def quantizable(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP) -> list[tuple[str, nn.Linear]]:
@@ -52,7 +54,7 @@ def quantizable(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP) -> list[
 
 def quantize_model(model: nn.Module, scheme: str = "nf4", *, skip: tuple[str, ...] = DEFAULT_SKIP,
                    block_size: int = BLOCK_SIZE, double_quant: bool = True, chunk_rows: int | None = None,
-                   backend: str = "auto") -> nn.Module:
+                   backend: str = "auto", device: str | torch.device | None = None) -> nn.Module:
     """Quantise every ``nn.Linear`` of ``model`` in place (and return it).
 
     Args:
@@ -63,6 +65,9 @@ def quantize_model(model: nn.Module, scheme: str = "nf4", *, skip: tuple[str, ..
             weight; see :mod:`.linear` for the memory trade-off).
         backend: ``"auto"`` uses bitsandbytes' ``Linear4bit`` for NF4 on CUDA when installed,
             ``"torch"`` always :class:`QuantLinear`, ``"bitsandbytes"`` insists on bitsandbytes.
+        device: move the model there, each layer just before it is quantised, so a dense model
+            on the CPU reaches a GPU already quantised (never whole and dense on the GPU), and
+            ``"auto"`` sees the layer on the device it will run on. None: leave it where it is.
 
     Only plain ``nn.Linear`` modules are replaced: subclasses, already-quantised layers and GPT-2's
     ``Conv1D`` (weights stored transposed; a merged model must keep its layout) stay as they are.
@@ -74,12 +79,14 @@ def quantize_model(model: nn.Module, scheme: str = "nf4", *, skip: tuple[str, ..
         raise ValueError("the model already has adapter layers; quantize the base model first, then call get_peft_model")
     options = {"block_size": block_size, "double_quant": double_quant} if scheme == "nf4" else {}
     for path, linear in quantizable(model, skip):
+        if device is not None:
+            linear = linear.to(device)
         if _use_bitsandbytes(backend, scheme, linear):
             layer = bnb.to_bnb_nf4(linear, block_size=block_size, double_quant=double_quant)
         else:
             layer = QuantLinear.from_linear(linear, scheme, chunk_rows=chunk_rows, **options)
         model.set_submodule(path, layer)
-    return model
+    return model if device is None else model.to(device)
 
 
 def memory_report(model: nn.Module) -> dict[str, int | float | None]:

@@ -1,12 +1,16 @@
-"""bitsandbytes' NF4 layer (``bnb.nn.Linear4bit``), used on CUDA when bitsandbytes is installed.
+"""bitsandbytes' NF4 layer (``bnb.nn.Linear4bit``): ``quantize_model``'s choice on CUDA when
+bitsandbytes is installed, and on any device with ``backend="bitsandbytes"`` (its CPU path runs too,
+slower than its CUDA kernels).
 
 Its CUDA kernels dequantise faster than :class:`~peftlab.quant.linear.QuantLinear`'s pure-PyTorch
-path. The format is QLoRA's NF4 too (bitsandbytes stores the double-quantised scales with its
-8-bit dynamic code where we use linear int8). The subclass below adds the two methods merging
-needs (``dequantize``, ``quantize_like``) and ``quantized_nbytes`` for :func:`memory_report`.
+path. The format is QLoRA's NF4 too (bitsandbytes stores the double-quantised scales with its 8-bit
+dynamic code where we use linear int8). The subclass below adds what peftlab needs of a compressed
+base: ``dense_weight`` (the dequantised weight adapters read: LoRA's dtype, DoRA's norms, (IA)³'s
+ΔW), ``dequantize`` and ``quantize_like`` for merging, ``quantized_nbytes`` for
+:func:`memory_report`.
 
-peftlab's tests run on CPU, where this layer is not used; they use bitsandbytes' functional API
-(which runs on CPU) as the oracle for :mod:`.nf4`'s levels and round-trip error.
+Tests run this layer on CPU (tests/quant/test_bnb.py) and, where a GPU is present, on CUDA
+(tests/test_cuda.py); bitsandbytes' functional API is also the oracle for :mod:`.nf4`'s levels.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 
+import torch
 import torch.nn as nn
 
 from .linear import dense_linear
@@ -31,9 +36,13 @@ def _layer_class() -> type[nn.Module]:
     class BnbLinearNF4(bnb.nn.Linear4bit):
         """``bnb.nn.Linear4bit`` (quant_type="nf4") with peftlab's merge protocol."""
 
+        def dense_weight(self) -> torch.Tensor:
+            """The dequantised weight (d_out, d_in) in the compute dtype: what adapters read."""
+            weight = bnb_functional.dequantize_4bit(self.weight.data, self.weight.quant_state)
+            return weight.to(self.compute_dtype or weight.dtype)
+
         def dequantize(self) -> nn.Linear:
-            weight = bnb_functional.dequantize_4bit(self.weight.data, self.weight.quant_state)  # (d_out, d_in)
-            return dense_linear(weight, self.bias)
+            return dense_linear(self.dense_weight(), self.bias)
 
         def quantize_like(self, linear: nn.Linear) -> nn.Module:
             return to_bnb_nf4(linear, block_size=self.weight.blocksize, double_quant=self.weight.compress_statistics)

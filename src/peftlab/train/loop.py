@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import runtime
 from . import distributed
 from .args import TrainArgs
 from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint, trainable_tensors
@@ -148,6 +149,8 @@ def train(
     device = distributed.init_from_env(next(model.parameters()).device)
     main, world = distributed.is_main(), distributed.world_size()  # main: rank 0, which writes the files
     autocast = _autocast(args.precision, device)
+    if args.keep_freed_memory and device.type == "cpu":
+        runtime.keep_freed_memory()
     optimizer = torch.optim.AdamW(list(params.values()), lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")  # a no-op unless fp16
     sampler = Sampler(len(train_rows), args.batch_size, args.seed, rank=distributed.rank(), world_size=world)
