@@ -9,7 +9,8 @@ import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
 from peftlab import BASE, ConfigError, LoHaConfig, LoraConfig, get_peft_model
-from peftlab.methods.loha import FactoredDelta, choose_forward_mode, col_khatri_rao, row_khatri_rao
+from peftlab.methods.loha import FactoredDelta, FactoredLinear, choose_forward_mode, col_khatri_rao, row_khatri_rao
+from peftlab.models import tiny
 
 
 class Toy(nn.Module):
@@ -115,6 +116,55 @@ def test_factored_delta_adds_into_the_base_output():
     assert torch.autograd.gradcheck(lambda x, b, *w: FactoredDelta.apply(x, *w, 0.7, b),
                                     (x[:3, :5].detach().requires_grad_(), base[:3, :4].detach().requires_grad_(),
                                      *_factors(4, 2, 5, torch.float64, seed=1)))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_factored_linear_equals_base_plus_factored_delta(bias):
+    """FactoredLinear (base GEMMs inside, one input gradient) gives x Wᵀ + b + ΔW x and the same
+    gradients for x and the factors as the base layer and FactoredDelta apart; W and b get none."""
+    n, d_in, d_out, r, s = 9, 12, 10, 3, 1.3
+    ws = _factors(d_out, r, d_in, torch.float64, seed=4)
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(d_out, d_in, dtype=torch.float64, generator=g)
+    b = torch.randn(d_out, dtype=torch.float64, generator=g) if bias else None
+    x = torch.randn(n, d_in, dtype=torch.float64, generator=g, requires_grad=True)
+    grad_out = torch.randn(n, d_out, dtype=torch.float64, generator=g)
+    y = FactoredLinear.apply(x, weight, b, *ws, s)
+    y_ref = torch.nn.functional.linear(x, weight, b) + FactoredDelta.apply(x, *ws, s)
+    torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-12)
+    for got, want in zip(torch.autograd.grad(y, [x, *ws], grad_out), torch.autograd.grad(y_ref, [x, *ws], grad_out)):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, *w: FactoredLinear.apply(x, weight[:4, :5], None if b is None else b[:4],
+                                                                       *w, 0.7),
+                                    (x[:3, :5].detach().requires_grad_(), *_factors(4, 2, 5, torch.float64, seed=2)))
+
+
+def test_a_frozen_dense_base_runs_inside_the_factored_route_and_nothing_else_does(monkeypatch):
+    """The fused route serves a plain frozen nn.Linear on the factored route; a quantised base,
+    mixed rows and the materialised route take the separate path, with the same outputs."""
+    from peftlab.quant import quantize_model
+
+    calls = []
+    original = FactoredLinear.apply
+    monkeypatch.setattr(FactoredLinear, "apply", lambda *a: calls.append(1) or original(*a))
+    ids = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(0))
+    config = LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "down_proj"], init_weights=False)
+    torch.manual_seed(0)
+    model = get_peft_model(tiny("llama", "causal-lm", seed=0).eval(), config)
+    with torch.no_grad():
+        fused = model(input_ids=ids).logits
+    assert len(calls) == 4  # two layers × two targets
+    calls.clear()
+    torch.manual_seed(0)
+    other = get_peft_model(tiny("llama", "causal-lm", seed=0).eval(), config.replace(forward_mode="materialize"))
+    with torch.no_grad():
+        torch.testing.assert_close(other(input_ids=ids).logits, fused, atol=1e-5, rtol=1e-5)
+        model(input_ids=ids, adapter_names=["default", "default"])
+    torch.manual_seed(0)
+    quantized = get_peft_model(quantize_model(tiny("llama", "causal-lm", seed=0).eval(), "int8"), config)
+    with torch.no_grad():
+        quantized(input_ids=ids)
+    assert calls == []
 
 
 @pytest.mark.parametrize("n,d_in,d_out,r", [(5, 7, 6, 2), (3, 4, 9, 3)])

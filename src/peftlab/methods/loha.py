@@ -16,8 +16,10 @@ Two ways to apply it, picked per forward by a FLOP estimate (:func:`choose_forwa
   It is cheaper when r² is small next to the layer's widths and the batch holds many tokens.
   V x itself does not factor further: it is vec(W1b diag(x) W2bᵀ), an r × r matrix of rank up to r,
   not the Kronecker product (W1b x) ⊗ (W2b x) (rank 1), so x Vᵀ (2·r²·d_in FLOPs a token) is the
-  cheapest way in. The route's backward (:class:`FactoredDelta`) keeps only x and h = x Vᵀ (N × r²), rebuilds U and V, and
-  maps dU, dV straight onto the four factors.
+  cheapest way in. The route's backward (:class:`FactoredDelta`) keeps only x and h = x Vᵀ (N × r²),
+  rebuilds U and V, and maps dU, dV straight onto the four factors. On a plain frozen
+  ``nn.Linear`` base, :class:`FactoredLinear` runs the base's GEMMs in the same function, so the
+  input gradient is one tensor (g W + t V) instead of two that autograd adds.
 """
 
 from __future__ import annotations
@@ -118,16 +120,50 @@ class FactoredDelta(torch.autograd.Function):
         x, h, w1a, w1b, w2a, w2b = ctx.saved_tensors
         device, dtype, enabled = ctx.autocast
         with torch.autocast(device, dtype=dtype, enabled=enabled):
-            r = w1a.shape[1]
-            t = (g @ row_khatri_rao(w1a, w2a)).mul_(ctx.scaling)  # (N, r²)
-            dU = (g.T @ h).view(-1, r, r)  # (d_out, r, r)
-            dV = (t.T @ x).view(r, r, -1)  # (r, r, d_in)
+            t, factor_grads = _factored_backward(g, x, h, w1a, w1b, w2a, w2b, ctx.scaling)
             dx = t @ col_khatri_rao(w1b, w2b) if ctx.needs_input_grad[0] else None
-            grads = (dx, torch.einsum("iab,ib->ia", dU, w2a), torch.einsum("abj,bj->aj", dV, w2b),
-                     torch.einsum("iab,ia->ib", dU, w1a), torch.einsum("abj,aj->bj", dV, w1b), None)
+            grads = (dx, *factor_grads, None)
             if len(ctx.needs_input_grad) == 6:  # called without base
                 return grads
             return grads + (g if ctx.needs_input_grad[6] else None,)
+
+
+def _factored_backward(g, x, h, w1a, w1b, w2a, w2b, scaling: float):
+    """t = s · g U (N, r²) and the four factors' gradients, from g = ∂L/∂y (N, d_out), x and h = s · x Vᵀ."""
+    r = w1a.shape[1]
+    t = (g @ row_khatri_rao(w1a, w2a)).mul_(scaling)  # (N, r²)
+    dU = (g.T @ h).view(-1, r, r)  # (d_out, r, r)
+    dV = (t.T @ x).view(r, r, -1)  # (r, r, d_in)
+    return t, (torch.einsum("iab,ib->ia", dU, w2a), torch.einsum("abj,bj->aj", dV, w2b),
+               torch.einsum("iab,ia->ib", dU, w1a), torch.einsum("abj,aj->bj", dV, w1b))
+
+
+class FactoredLinear(torch.autograd.Function):
+    """x Wᵀ + b + ΔW x for a frozen dense base (W, b) on the factored route: :class:`FactoredDelta`
+    with the base layer's own GEMMs inside. Backward writes the adapter's input gradient t V into
+    the base's g W (one ``addmm_``) instead of leaving autograd to add two (N, d_in) gradients —
+    one pass over the layer's input width saved per layer and step (for an MLP's down-projection,
+    the widest activations of the block). Only under no autocast and for a frozen W, b.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, w1a, w1b, w2a, w2b, scaling: float):
+        out = F.linear(x, weight, bias)  # (N, d_out)
+        h = (x @ col_khatri_rao(w1b, w2b).T).mul_(scaling)  # (N, r²)
+        out.addmm_(h, row_khatri_rao(w1a, w2a).T)
+        ctx.save_for_backward(x, h, weight, w1a, w1b, w2a, w2b)
+        ctx.scaling = scaling
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x, h, weight, w1a, w1b, w2a, w2b = ctx.saved_tensors
+        t, factor_grads = _factored_backward(g, x, h, w1a, w1b, w2a, w2b, ctx.scaling)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = (g @ weight).addmm_(t, col_khatri_rao(w1b, w2b))  # (N, d_in): base and adapter at once
+        return (dx, None, None, *factor_grads, None)
 
 
 def choose_forward_mode(d_in: int, d_out: int, r: int, tokens: int, n_adapters: int = 1) -> str:
@@ -215,8 +251,12 @@ class LoHaLayer(AdapterLayer):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         route = self.route
+        if not route.is_mixed and not args and not kwargs:
+            names = [n for n in route.active if n in self.hada_w1_a and n not in self.merged]
+            if len(names) == 1 and self._fuses_with_base(x, names[0]):
+                return self._factored_linear(x, names[0])
+        result = self.base_layer(x, *args, **kwargs)
         if route.is_mixed:
             delta = self._mixed_delta(x, route)
             return result if delta is None else result + delta.to(result.dtype)
@@ -224,6 +264,25 @@ class LoHaLayer(AdapterLayer):
             if name in self.hada_w1_a and name not in self.merged:
                 result = self._add_delta(result, x, name)
         return result
+
+    def _fuses_with_base(self, x: torch.Tensor, name: str) -> bool:
+        """Whether :class:`FactoredLinear` can run base and adapter together: a plain, frozen
+        ``nn.Linear`` base in the adapter's dtype, the factored route, no autocast."""
+        base = self.base_layer
+        if type(base) is not nn.Linear or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return False
+        dtype = self.hada_w1_a[name].dtype
+        if x.dtype != dtype or base.weight.dtype != dtype or torch.is_autocast_enabled(x.device.type):
+            return False
+        return self.mode_for([name], x.numel() // self.in_features) == "factored"
+
+    def _factored_linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """base(x) + ΔW x through :class:`FactoredLinear`, (..., d_out)."""
+        w1a, w1b, w2a, w2b = (getattr(self, key)[name] for key in _FACTORS)
+        base = self.base_layer
+        out = FactoredLinear.apply(x.reshape(-1, self.in_features), base.weight, base.bias, w1a, w1b, w2a, w2b,
+                                   self.scaling[name])
+        return out.view(*x.shape[:-1], self.out_features)
 
     def _add_delta(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """result + ΔW x for one adapter on every row, (..., d_out)."""
