@@ -5,8 +5,10 @@ A training step allocates and frees the same large buffers every step: activatio
 (dynamic, at most 32 MiB) with fresh ``mmap`` pages and gives freed heap tops back to the OS, so
 every step touches new pages again, and each first touch is a page fault. Measured on this
 project's machine (SmolLM2-135M, LoHa r=8 all-linear, 8×128, 2 threads): 70k–190k page faults per
-step and 7.6–9.1 s per step by default; with :func:`keep_freed_memory`, no page faults after the
-first step and 6.8–6.9 s, at 2912 instead of 2856 MiB peak RSS (BENCHMARKS.md).
+step and 7.6–9.1 s per step by default; with :func:`keep_freed_memory`, 0 faults per step and
+6.8–6.9 s in the same in-process check, at 2912 instead of 2856 MiB peak RSS. Across the
+benchmark's child processes some faults remain (300–58k per step: the kernel may also reclaim
+idle pages on its own), and the step gain was 3 % for LoRA, about 10 % for LoHa (BENCHMARKS.md).
 
 ``peftlab.train`` calls :func:`keep_freed_memory` when it trains on the CPU
 (``TrainArgs(keep_freed_memory=False)`` or ``--no-keep-freed-memory`` to leave malloc alone). It is
