@@ -36,8 +36,8 @@ again for their gradient). On SmolLM2 at 8×128 this peaked 270 MiB lower than 1
 step time (BENCHMARKS.md, lean step), and the head's matmuls stay large enough to run at full speed."""
 DEFAULT_CHUNK_SIZE_GPU = 4096
 """Rows per chunk on a GPU, where each chunk's kernels cost launch time whatever their size: on an
-H100 (SmolLM2 bf16, 16×1024) 4096 rows stepped in 175 ms against 196 ms for 256, peaking at 12.9
-against 11.1 GiB (BENCHMARKS.md, lean step on a GPU)."""
+H100 (SmolLM2 bf16, 16×1024) 4096 rows stepped in 175 ms against 196 ms for 256, peaking at 12 860
+against 11 061 MiB (BENCHMARKS.md, lean step on a GPU)."""
 
 HeadContext = Callable[[torch.Tensor], ContextManager]
 

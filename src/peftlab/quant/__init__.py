@@ -31,7 +31,7 @@ BACKENDS = ("auto", "torch", "bitsandbytes")
 DEFAULT_SKIP = ("lm_head", "score", "classifier", "qa_outputs")
 
 
-def _use_bitsandbytes(backend: str, scheme: str, linear: nn.Linear) -> bool:
+def _use_bitsandbytes(backend: str, scheme: str, device: torch.device) -> bool:
     """auto: bitsandbytes for NF4 weights on CUDA when it is installed; bitsandbytes: always (its
     ``Linear4bit`` runs on CPU too, slower than on CUDA); torch: never."""
     if backend == "torch":
@@ -43,7 +43,7 @@ def _use_bitsandbytes(backend: str, scheme: str, linear: nn.Linear) -> bool:
                 f"({'yes' if bnb.available() else 'no: pip install bitsandbytes'}); or use backend='torch' or 'auto'"
             )
         return True
-    return scheme == "nf4" and linear.weight.is_cuda and bnb.available()
+    return scheme == "nf4" and device.type == "cuda" and bnb.available()
 
 
 def quantizable(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP) -> list[tuple[str, nn.Linear]]:
@@ -79,12 +79,11 @@ def quantize_model(model: nn.Module, scheme: str = "nf4", *, skip: tuple[str, ..
         raise ValueError("the model already has adapter layers; quantize the base model first, then call get_peft_model")
     options = {"block_size": block_size, "double_quant": double_quant} if scheme == "nf4" else {}
     for path, linear in quantizable(model, skip):
-        if device is not None:
-            linear = linear.to(device)
-        if _use_bitsandbytes(backend, scheme, linear):
-            layer = bnb.to_bnb_nf4(linear, block_size=block_size, double_quant=double_quant)
+        target = linear.weight.device if device is None else torch.device(device)
+        if _use_bitsandbytes(backend, scheme, target):
+            layer = bnb.to_bnb_nf4(linear, block_size=block_size, double_quant=double_quant, device=target)
         else:
-            layer = QuantLinear.from_linear(linear, scheme, chunk_rows=chunk_rows, **options)
+            layer = QuantLinear.from_linear(linear.to(target), scheme, chunk_rows=chunk_rows, **options)
         model.set_submodule(path, layer)
     return model if device is None else model.to(device)
 

@@ -57,11 +57,13 @@ def _layer_class() -> type[nn.Module]:
     return BnbLinearNF4
 
 
-def to_bnb_nf4(linear: nn.Linear, *, block_size: int, double_quant: bool) -> nn.Module:
-    """``linear`` (on CUDA) as a bitsandbytes NF4 layer on the same device."""
+def to_bnb_nf4(linear: nn.Linear, *, block_size: int, double_quant: bool,
+               device: torch.device | None = None) -> nn.Module:
+    """``linear`` as a bitsandbytes NF4 layer on ``device`` (default: the layer's own); the dense
+    weight goes there only as it is quantised."""
     import bitsandbytes as bnb
 
-    device = linear.weight.device
+    device = linear.weight.device if device is None else device
     layer = _layer_class()(linear.in_features, linear.out_features, bias=linear.bias is not None,
                            compute_dtype=linear.weight.dtype, compress_statistics=double_quant, quant_type="nf4")
     # Params4bit quantises when it is moved to a CUDA device.
