@@ -165,6 +165,14 @@ def test_a_frozen_dense_base_runs_inside_the_factored_route_and_nothing_else_doe
     with torch.no_grad():
         quantized(input_ids=ids)
     assert calls == []
+    # A hook on a base layer still runs: that layer takes the separate path.
+    seen = []
+    layer = dict(model.adapter_layers())["model.layers.0.self_attn.q_proj"]
+    handle = layer.base_layer.register_forward_hook(lambda *a: seen.append(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, fused, atol=1e-5, rtol=1e-5)
+    handle.remove()
+    assert seen == [1] and len(calls) == 3
 
 
 @pytest.mark.parametrize("n,d_in,d_out,r", [(5, 7, 6, 2), (3, 4, 9, 3)])

@@ -267,9 +267,13 @@ class LoHaLayer(AdapterLayer):
 
     def _fuses_with_base(self, x: torch.Tensor, name: str) -> bool:
         """Whether :class:`FactoredLinear` can run base and adapter together: a plain, frozen
-        ``nn.Linear`` base in the adapter's dtype, the factored route, no autocast."""
+        ``nn.Linear`` base without hooks, in the adapter's dtype, the factored route, no autocast."""
         base = self.base_layer
         if type(base) is not nn.Linear or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return False
+        # Hooks on the base layer, or a forward replaced on the instance (accelerate's offloading
+        # does that), must still run: those layers take the separate path.
+        if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
             return False
         dtype = self.hada_w1_a[name].dtype
         if x.dtype != dtype or base.weight.dtype != dtype or torch.is_autocast_enabled(x.device.type):
