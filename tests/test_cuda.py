@@ -98,23 +98,13 @@ MERGEABLE = [m for m in CASES if CASES[m].mergeable]
 def test_merge_and_unload_on_the_gpu_gives_the_cpus_weights(method):
     cpu = two_adapter_model(method, "llama")
     gpu = copy.deepcopy(cpu).to(DEVICE)
-    expected = cpu.merge_and_unload(adapter_names=["a"]).state_dict() if _takes_names(cpu) else None
-    if expected is None:
-        cpu.set_adapter("a")
-        gpu.set_adapter("a")
-        expected = cpu.merge_and_unload().state_dict()
-        got = gpu.merge_and_unload().state_dict()
-    else:
-        got = gpu.merge_and_unload(adapter_names=["a"]).state_dict()
+    cpu.set_adapter("a")
+    gpu.set_adapter("a")
+    expected = cpu.merge_and_unload().state_dict()
+    got = gpu.merge_and_unload().state_dict()
     assert got.keys() == expected.keys()
     for k in expected:
         torch.testing.assert_close(got[k].cpu(), expected[k], atol=1e-5, rtol=1e-5)
-
-
-def _takes_names(model) -> bool:
-    import inspect
-
-    return "adapter_names" in inspect.signature(model.merge_and_unload).parameters
 
 
 def test_lean_loss_equals_the_models_loss_in_fp32_and_bf16():
