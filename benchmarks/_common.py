@@ -57,12 +57,18 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def peak_memory() -> dict[str, float]:
+    """This process's peak RSS and, where CUDA ran, peak GPU memory allocated (MiB)."""
+    out = {"peak_rss_mib": peak_rss_mib()}
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
+        out["peak_gpu_mib"] = sys.modules["torch"].cuda.max_memory_allocated() / 2**20
+    return out
+
+
 def _child(fn: Callable[..., dict], args: tuple, queue) -> None:
     try:
         out = fn(*args)
-        out["peak_rss_mib"] = peak_rss_mib()
-        if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
-            out["peak_gpu_mib"] = sys.modules["torch"].cuda.max_memory_allocated() / 2**20
+        out.update(peak_memory(), **out)  # a figure the function took itself (before profiling, say) stands
         queue.put(out)
     except BaseException as exc:  # report, don't hang the parent
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
@@ -102,7 +108,7 @@ def round_robin(contenders: list[str], rounds: int, measure: Callable[[str], dic
         for c in order:
             out = measure(c)
             results[c].append(out)
-            print(f"  round {r + 1}/{rounds} {c:>10}: " + json.dumps({k: round(v, 3) for k, v in out.items()}),
+            print(f"  round {r + 1}/{rounds} {c:>10}: " + json.dumps({k: round(v, 3) for k, v in out.items() if isinstance(v, (int, float))}),
                   file=sys.stderr, flush=True)
     return results
 

@@ -8,7 +8,11 @@ random tokens as ``lora_step.py`` for every contender.
    Contenders: full fine-tuning, PEFT, peftlab as it trains by default (lean loss and fused
    shared-input LoRA on), peftlab with one trick flipped at a time (lean loss off, fusion off,
    gradient checkpointing on, ``torch.compile`` on with ``--compile``, after a probe that inductor
-   works here, glibc's malloc left alone: "-keep-freed"), and peftlab on an NF4 base. On the CPU,
+   works here, glibc's malloc left alone: "-keep-freed", base GEMM and adapter as separate autograd
+   nodes: "-fuse-base"), and peftlab on an NF4 base. "floor" is the frozen-base step with no
+   adapter on the linear layers (one on the input embedding, so backward runs through every
+   layer): the 4N the issue's FLOP limit counts, measured; peftlab minus floor is what the
+   adapters cost. On the CPU,
    peftlab runs with ``peftlab.runtime.keep_freed_memory()`` as ``peftlab.train`` does; "peft
    +keep-freed" and "full-ft +keep-freed" give the others the same malloc setting. A trick this
    checkout does not have yet is reported and left out; a contender that fails is reported and
@@ -31,6 +35,11 @@ timings and memory do not depend on the weights' values; loss curves do, so it s
     python benchmarks/lean_step.py [--rounds 3] [--labels all|completion] [--compile] [--json out/lean.json]
     python benchmarks/lean_step.py --device cuda --dtype bf16 --config benchmarks/configs/smollm2-135m-instruct.json
     python benchmarks/lean_step.py --quick --threads 1      # tiny random Llama: checks the script (minutes: a process each)
+
+``--profile N`` profiles one more step of each contender's first run and prints its N costliest
+ops (on a GPU, and the kernel launches per step). ``--in-process`` (GPU only) measures every
+contender in the parent process, peak GPU memory from a reset counter: no process start per
+measurement, so more rounds fit a GPU lease.
 """
 
 from __future__ import annotations
@@ -46,17 +55,23 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import make_train_step, median, round_robin, run_isolated  # noqa: E402
+from _common import make_train_step, median, peak_memory, round_robin, run_isolated  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 LORA = dict(r=8, lora_alpha=16, target_modules="all-linear")  # the same for peftlab and PEFT
 
 # peftlab's default training configuration; each trick row flips one of these.
 DEFAULT = {"lean_loss": True, "chunk_size": None, "fuse": True, "checkpointing": False, "compile": False,
-           "quantize": None, "backend": "auto", "keep_freed": True}
+           "quantize": None, "backend": "auto", "keep_freed": True, "targets": None, "fuse_base": True,
+           "adapter_autocast": True}
 # Contender -> (library, changes to DEFAULT for peftlab).
 CONTENDERS: dict[str, tuple[str, dict]] = {
     "full-ft": ("full", {}),
+    # The frozen-base floor: peftlab with one adapter on the input embedding and none on the linear
+    # layers, so the step is the base's forward, the input-gradient backward through every layer and
+    # the lean loss: the 4N the issue's FLOP limit counts, measured. peftlab minus this is what the
+    # 210 all-linear adapters cost.
+    "floor": ("peftlab", {"targets": ["embed_tokens"]}),
     "peft": ("peft", {}),
     "peftlab": ("peftlab", {}),
     "peftlab -lean-loss": ("peftlab", {"lean_loss": False}),
@@ -66,11 +81,17 @@ CONTENDERS: dict[str, tuple[str, dict]] = {
     "peft +keep-freed": ("peft", {"keep_freed": True}),
     "full-ft +keep-freed": ("full", {"keep_freed": True}),
     "peftlab -fuse": ("peftlab", {"fuse": False}),
+    # base GEMM and adapter as separate autograd nodes (ops.LoraLinear off)
+    "peftlab -fuse-base": ("peftlab", {"fuse_base": False}),
     "peftlab +checkpointing": ("peftlab", {"checkpointing": True}),
     "peftlab +compile": ("peftlab", {"compile": True}),
     "peftlab nf4": ("peftlab", {"quantize": "nf4"}),
     "peftlab nf4 torch": ("peftlab", {"quantize": "nf4", "backend": "torch"}),
     "peft nf4": ("peft", {"quantize": "nf4", "backend": "bitsandbytes"}),
+    # PEFT keeps adapter weights in fp32 on a half-precision base (autocast_adapter_dtype=True) and
+    # casts each adapted layer's input to fp32; peftlab creates them in the base's dtype. This row
+    # gives PEFT bf16 adapters too (autocast_adapter_dtype=False): like for like on a bf16 GPU run.
+    "peft base-dtype": ("peft", {"adapter_autocast": False}),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BARS = [("peftlab / full-ft step", "peftlab", "full-ft", "step_s", 0.70),
@@ -90,6 +111,8 @@ def missing_tricks() -> dict[str, str]:
         missing["lean_loss"] = "PeftModel.lean_loss() is missing (the lean-loss work is not in this checkout)"
     if not hasattr(ops, "configure"):
         missing["fuse"] = "peftlab.ops.configure(fuse_shared_input=...) is missing (fused LoRA not in this checkout)"
+    if "fuse_with_base" not in getattr(ops, "options", dict)():
+        missing["fuse_base"] = "peftlab.ops.configure(fuse_with_base=...) is missing (LoraLinear not in this checkout)"
     return missing
 
 
@@ -106,7 +129,8 @@ def base_model(setup: dict, quantize: str | None, backend: str = "auto"):
         import transformers
 
         config = transformers.AutoConfig.from_pretrained(setup["config"])
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        with device:  # initialised where it runs: a billion random weights take long on a CPU
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     elif device.type == "cpu" and backend != "bitsandbytes":
         return load(setup["model"], dtype=dtype, quantize=quantize)[0]  # quantised as it is read
     else:
@@ -157,13 +181,16 @@ def measure(name: str, setup: dict) -> dict:
         import peft
 
         model.is_loaded_in_4bit = cfg["backend"] == "bitsandbytes"  # how PEFT finds bitsandbytes layers
-        model = peft.get_peft_model(model, peft.LoraConfig(**LORA))
+        model = peft.get_peft_model(model, peft.LoraConfig(**LORA), autocast_adapter_dtype=cfg["adapter_autocast"])
     elif lib == "peftlab":
         from peftlab import LoraConfig, get_peft_model, ops
 
         if hasattr(ops, "configure"):
             ops.configure(fuse_shared_input=cfg["fuse"])
-        model = get_peft_model(model, LoraConfig(**LORA))
+        if "fuse_with_base" in getattr(ops, "options", dict)():
+            ops.configure(fuse_with_base=cfg["fuse_base"])
+        targets = {} if cfg["targets"] is None else {"target_modules": cfg["targets"]}
+        model = get_peft_model(model, LoraConfig(**{**LORA, **targets}))
         if cfg["checkpointing"]:
             model.activation_checkpointing_enable()
         lean = cfg["lean_loss"] if hasattr(model, "lean_loss") else None
@@ -174,8 +201,53 @@ def measure(name: str, setup: dict) -> dict:
     for _ in range(setup["warmup"]):
         step()  # warm-up: allocator, optimizer state, compilation (kernel autotuning on a GPU)
     warmup = time.perf_counter() - start
-    return {"step_s": statistics.median(step() for _ in range(setup["steps"])), "warmup_s": warmup,
-            "trainable_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6}
+    out = {"step_s": statistics.median(step() for _ in range(setup["steps"])), "warmup_s": warmup,
+           "trainable_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6}
+    if setup.get("profile"):
+        out.update(peak_memory())  # the step's own peak, before the profiler's
+        if "peak_gpu_mib" in out and setup.get("in_process"):
+            out["peak_rss_mib"] = float("nan")
+        out["profile"] = profile_step(step, setup["device"], setup["profile"])
+    return out
+
+
+def measure_here(name: str, setup: dict) -> dict:
+    """:func:`measure` in this process (``--in-process``, GPU only): peak GPU memory from a reset of
+    CUDA's peak counter, the model freed before the next contender. Saves a process start per
+    measurement (about 12 s on a GPU machine) at the price of shared process state: everything
+    ``measure`` configures (``ops.configure``) it sets for every peftlab contender."""
+    import gc
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        out = measure(name, setup)
+    except Exception as exc:  # as run_isolated reports a child's failure
+        raise RuntimeError(f"measure({name!r}): {type(exc).__name__}: {exc}") from exc
+    out.setdefault("peak_gpu_mib", torch.cuda.max_memory_allocated() / 2**20)
+    out.setdefault("peak_rss_mib", float("nan"))  # a process-wide high-water mark: meaningless here
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def profile_step(step, device: str, rows: int) -> str:
+    """One more step under ``torch.profiler``: the ``rows`` ops with the most self time on the device
+    (the CPU's own time on a CPU), and how many kernels a step launched."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities) as prof:
+        step()
+    events = prof.key_averages()
+    key = "self_device_time_total" if gpu else "self_cpu_time_total"
+    table = events.table(sort_by=key, row_limit=rows, max_name_column_width=60)
+    if gpu:
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+        device_ms = sum(e.self_device_time_total for e in events) / 1e3
+        table += f"\nkernel launches in the step: {launches}; device busy {device_ms:.1f} ms\n"
+    return table
 
 
 def compile_probe(threads: int, device: str) -> dict:
@@ -255,19 +327,26 @@ def main() -> None:
                     help="include 'peftlab +compile' (off by default: compiling takes minutes in every child process)")
     ap.add_argument("--curve-steps", type=int, default=40, help="loss-curve steps (0: no loss curves)")
     ap.add_argument("--json", metavar="PATH", help="also write every number as JSON ('-': stdout)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="GPU only: measure every contender in this process (peak GPU memory per contender from a "
+                         "reset counter; no peak RSS), instead of a fresh child process each")
+    ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                    help="after the timed steps, profile one more step and print its ROWS costliest ops (first round)")
     a = ap.parse_args()
     if a.quick:
         a.rounds, a.steps, a.batch, a.seq = 1, 1, 2, 32
         a.curve_steps = min(a.curve_steps, 6)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
+    if a.in_process and not a.device.startswith("cuda"):
+        ap.error("--in-process measures peak GPU memory per contender; on the CPU each needs its own process (peak RSS)")
     if a.config and a.curve_steps:
         print("--config: random weights, so no loss curves (--curve-steps 0)", flush=True)
         a.curve_steps = 0
     setup = {"model": "tiny" if a.quick else MODEL, "vocab_size": 49152, "threads": a.threads, "steps": a.steps,
              "warmup": a.warmup, "batch": a.batch, "seq": a.seq, "labels": a.labels, "curve_steps": a.curve_steps,
              "curve_batch": 2 if a.quick else 8, "curve_length": 32 if a.quick else 128, "device": a.device,
-             "dtype": a.dtype, "config": a.config}
+             "dtype": a.dtype, "config": a.config, "profile": a.profile, "in_process": a.in_process}
     if a.quick:
         print("--quick: a tiny random Llama; its timings check the script, not the library", flush=True)
     contenders = [c for c in a.contenders.split(",") if c]
@@ -302,15 +381,25 @@ def main() -> None:
     #    is reported (and the exit status is 1) without losing the others' measurements.
     failed: dict[str, str] = {}
 
+    profiled: set[str] = set()  # --profile: each contender's first run only
+
     def attempt(c: str) -> dict:
         if c not in failed:
             try:
-                return run_isolated(measure, c, setup)
+                run_setup = {**setup, "profile": 0 if c in profiled else setup["profile"]}
+                profiled.add(c)
+                if a.in_process:
+                    return measure_here(c, run_setup)
+                return run_isolated(measure, c, run_setup)
             except RuntimeError as err:
                 failed[c] = str(err)
         return {"failed": 1}
 
     res = round_robin(contenders, a.rounds, attempt)
+    for c in contenders:
+        table = res[c][0].pop("profile", None) if res[c] else None
+        if table:
+            print(f"\nprofile of one {c} step:\n{table}", flush=True)
     gpu = a.device.startswith("cuda")
     mem = "peak_gpu_mib" if gpu else "peak_rss_mib"  # the memory the bars compare
     rows = {c: {"step_s": median(res[c], "step_s"), "peak_rss_mib": median(res[c], "peak_rss_mib"),
@@ -326,7 +415,7 @@ def main() -> None:
         return f"{rows[a_][key] / rows[b_][key]:.2f}x" if a_ in rows and b_ in rows else "—"
 
     mem_name = "peak GPU memory" if gpu else "peak RSS"
-    print(f"\n1. step time and {mem_name} ({a.rounds} rounds of child processes, {a.steps} timed steps each; medians)")
+    print(f"\n1. step time and {mem_name} ({a.rounds} rounds{' in this process' if a.in_process else ' of child processes'}, {a.steps} timed steps each; medians)")
     print(f"| contender | trainable (M) | step ({'ms' if gpu else 's'}) | tokens/s | vs full FT | vs peft | vs peftlab "
           f"| {mem_name} (MiB) | vs peft | vs peftlab | warm-up (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -289,3 +289,37 @@ def test_method_command_flags_override_the_config_file(tmp_path):
     config.write_text("method: lora\nrank: 4\n")
     assert_one_line_error(runner.invoke(method_app, ["fit", "--config", str(config)]),
                           "unknown key(s) rank", "valid keys: method, steps; and the options of the chosen method")
+
+
+def test_the_cli_runs_without_the_optional_extras_and_says_which_to_install(dirs, tmp_path):
+    """Flower and the server's packages are extras: with them missing, ``peftlab`` still starts and
+    its other commands run; a command that needs one fails in one line naming the extra."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+for name in ("flwr", "ray", "fastapi", "uvicorn"):
+    sys.modules[name] = None  # import of these now fails as if they were not installed
+from typer.testing import CliRunner
+from peftlab.cli import app
+runner = CliRunner()
+for args in (["inspect", sys.argv[1], sys.argv[2]], ["fed", "simulate", "--model", "x", "--data", sys.argv[3]],
+             ["serve", "x"]):
+    result = runner.invoke(app, args)
+    print(result.exit_code, (result.stderr.strip().splitlines() or [""])[-1])
+import peftlab.fed
+print(all(hasattr(peftlab.fed, n) for n in peftlab.fed.__all__ if n not in ("FedResult", "prepare_data", "simulate")))
+try:
+    peftlab.fed.simulate
+except ModuleNotFoundError as err:
+    print("lazy:", err)
+"""
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"text": "hello", "label": "a"}) + "\n")
+    out = subprocess.run([sys.executable, "-c", script, dirs["base"], dirs["lora"], str(data)], capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    assert out[0].startswith("0 "), out  # inspect needs no extra
+    assert out[1] == "2 error: this command needs flwr, which is not installed: pip install 'peftlab[fed]'", out
+    assert out[2] == "2 error: this command needs uvicorn, which is not installed: pip install 'peftlab[serve]'", out
+    assert out[3] == "True" and out[4].startswith("lazy: peftlab.fed.simulate needs Flower") and "[fed]" in out[4]

@@ -172,3 +172,40 @@ def test_training_loop_bf16_autocast_learns_and_resumes_exactly(tmp_path):
     ids = torch.randint(3, 50, (2, 8)).to(DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, full.eval()(input_ids=ids).logits, atol=0, rtol=0)
+
+
+def test_cli_train_quantize_nf4_trains_on_a_base_quantised_where_it_runs(tmp_path, monkeypatch):
+    """``peftlab train --quantize nf4`` picks the device itself (CUDA when present): there the base is
+    quantised as it moves to the GPU, so its layers are bitsandbytes' ``Linear4bit`` (when
+    installed) on the GPU; on the CPU they are peftlab's NF4 layers. Either way LoRA trains on it
+    and the saved adapter loads."""
+    import json
+
+    import peftlab.train
+    from peftlab.quant import QuantLinear, bnb
+    from tests.test_cli import run
+    from tests.test_cli_train import chat_rows, write_jsonl
+    from tests.test_export import save_base
+
+    seen = {}
+    real_train = peftlab.train.train
+
+    def spy(model, *args, **kwargs):
+        layer = model.get_submodule("base_model.model.layers.0.self_attn.q_proj").base_layer
+        seen["layer"], seen["device"] = type(layer), layer.weight.device.type
+        return real_train(model, *args, **kwargs)
+
+    monkeypatch.setattr(peftlab.train, "train", spy)
+    base = save_base(tmp_path / "base")
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(16))
+    out = tmp_path / "run"
+    result = run("train", "--model", str(base), "--data", data, "--output-dir", str(out), "--steps", "6",
+                 "--batch-size", "4", "--lr", "1e-2", "--quantize", "nf4", "--log-every", "1")
+    assert result.exit_code == 0, result.output
+    cuda = torch.cuda.is_available()  # what the CLI picks, whatever PEFTLAB_TEST_DEVICE says
+    assert seen["device"] == ("cuda" if cuda else "cpu")
+    expected = bnb._layer_class() if cuda and bnb.available() else QuantLinear
+    assert issubclass(seen["layer"], expected), seen["layer"]
+    losses = [m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    assert len(losses) == 6 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0

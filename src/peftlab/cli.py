@@ -49,9 +49,18 @@ class OneLineErrors(TyperGroup):
             if os.environ.get("PEFTLAB_DEBUG", "") not in ("", "0"):
                 raise
             _fail(str(exc) or type(exc).__name__, 2)
+        except ModuleNotFoundError as exc:
+            extra = _EXTRAS.get((exc.name or "").split(".")[0])
+            if extra is None:  # not an optional dependency: a broken install or a bug
+                raise
+            _fail(f"this command needs {exc.name.split('.')[0]}, which is not installed: pip install 'peftlab[{extra}]'", 2)
         except typer.Abort:
             _fail("aborted", 1)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+# Optional dependencies (pyproject's extras) a command may import: module -> the extra that installs it.
+_EXTRAS = {"flwr": "fed", "ray": "fed", "fastapi": "serve", "uvicorn": "serve"}
 
 
 def _fail(message: str, code: int) -> None:

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
+from . import ops
 from .routing import Route, Router, RoutingError
 from .targeting import unwrap
 
@@ -111,6 +112,21 @@ class AdapterLayer(nn.Module):
     def is_conv1d(self) -> bool:
         """GPT-2's Conv1D stores its weight as (in, out): the transpose of nn.Linear's."""
         return isinstance(unwrap(self.base_layer), Conv1D)
+
+    def _runs_inside_base(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Whether the adapter may run inside the base layer's own GEMMs (one autograd function for
+        base and adapter, as :class:`~peftlab.ops.LoraLinear` and LoHa's ``FactoredLinear`` do): a
+        plain, frozen ``nn.Linear`` without hooks, input, weight and adapter in one dtype, no
+        autocast, and ``ops.configure(fuse_with_base=True)`` (the default)."""
+        base = self.base_layer
+        if type(base) is not nn.Linear or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return False
+        # Hooks on the base layer, or a forward replaced on the instance (accelerate's offloading
+        # does that), must still run: those layers take the separate path.
+        if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
+            return False
+        return (x.dtype == dtype == base.weight.dtype and not torch.is_autocast_enabled(x.device.type)
+                and ops.fuse.fusing_with_base())
 
     def _check_merge_target(self) -> None:
         if isinstance(self.base_layer, AdapterLayer):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from peftlab.fed.server import ServerSpec
+from peftlab.fed.spec import ServerSpec
 from peftlab.fed.simulate import simulate
 
 from .common import bert_task, rows

@@ -18,7 +18,9 @@ TOL = dict(atol=1e-10, rtol=1e-10)
 @pytest.fixture(autouse=True)
 def fusion_on():
     before = ops.options()
-    ops.configure(fuse_shared_input=True)
+    # Sharing is what these test: training runs keep the adapter out of the base's GEMMs, where
+    # each layer would compute its own down-projection (tests/ops/test_lora_linear.py).
+    ops.configure(fuse_shared_input=True, fuse_with_base=False)
     yield
     ops.configure(**before)
 
@@ -244,8 +246,8 @@ def test_small_inputs_are_not_shared_on_the_single_adapter_path(shares):
 
 
 def test_configure_validates_and_reads_back():
-    ops.configure(fuse_shared_input=False)
-    assert ops.options() == {"fuse_shared_input": False}
+    ops.configure(fuse_shared_input=False, fuse_with_base=True)
+    assert ops.options() == {"fuse_shared_input": False, "fuse_with_base": True}
     with pytest.raises(ValueError, match="unknown option 'fuse'"):
         ops.configure(fuse=True)
     with pytest.raises(TypeError, match="True or False"):

@@ -15,7 +15,7 @@ import typer
 
 from ..cli_options import METHOD_COMMAND, ConfigFile, canonical_method, dataclass_options, method_config
 from .settings import FedArgs
-from .strategy import StrategyOptions
+from .spec import StrategyOptions
 
 fed_app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
                       help="Federated adapter training on Flower: clients train on private data, only adapters travel.")

@@ -27,7 +27,8 @@ from ..model import DEFAULT, PeftModel, get_peft_model
 from ..train import evaluate
 from .comms import TrafficLog, human, model_bytes
 from .rounds import latest_round, load_round, save_round
-from .strategy import RoundLog, StrategyOptions, as_record, build_strategy
+from .spec import ServerSpec
+from .strategy import RoundLog, as_record, build_strategy
 from .task import FedTask, stacked_rank, to_numpy, with_rank
 
 HISTORY = "history.jsonl"
@@ -164,34 +165,6 @@ def progress_line(entry: dict[str, Any], rounds: int, traffic: TrafficLog) -> st
         line += (f" | down {human(entry['down'])}, up {human(entry['up'])}; total "
                  f"{human(traffic.total_down + traffic.total_up)} (full-model FedAvg: {human(traffic.full_model_total)})")
     return line
-
-
-@dataclass(frozen=True)
-class ServerSpec:
-    """Everything the server decides."""
-
-    rounds: int
-    clients: int
-    """Clients in the federation (the server waits until this many have connected)."""
-    strategy: StrategyOptions = field(default_factory=StrategyOptions)
-    seed: int = 0
-    eval_batch_size: int = 32
-    out: str | None = None
-    """Where round checkpoints, ``history.jsonl``, ``traffic.json`` and the final ``adapter/`` go."""
-    resume: bool = False
-    """Continue from the newest round checkpoint in ``out``."""
-
-    def __post_init__(self) -> None:
-        if self.rounds < 1 or self.clients < 1:
-            raise ValueError(f"rounds and clients must be >= 1, got rounds={self.rounds}, clients={self.clients}")
-        if self.resume and self.out is None:
-            raise ValueError("resume needs an output directory (--out) holding round checkpoints")
-
-    def fingerprint(self, task: FedTask) -> dict[str, Any]:
-        """What must not change between a run and its resumption (as JSON gives it back: lists, not tuples)."""
-        return json.loads(json.dumps({"method": task.adapter.method, "adapter": task.adapter.to_dict(),
-                                      "aggregation": task.aggregation, "strategy": self.strategy.name,
-                                      "clients": self.clients, "seed": self.seed}))
 
 
 def make_server_app(task: FedTask, spec: ServerSpec, *, eval_rows: Sequence[dict] = (),

@@ -23,8 +23,7 @@ from ..config import AdapterConfig
 from ..data import encode_records, read_records
 from ..models import load
 from ..train import TrainArgs
-from .server import ServerSpec
-from .strategy import StrategyOptions
+from .spec import ServerSpec, StrategyOptions
 from .task import FedTask
 
 

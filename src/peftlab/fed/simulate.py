@@ -23,7 +23,8 @@ from ..data import EncodedData, encode_records, read_records
 from .client import make_client_app
 from .local_grid import InProcessGrid, run_in_process
 from .partition import PartitionSpec, describe, split
-from .server import FedResult, ServerSpec, make_server_app
+from .server import FedResult, make_server_app
+from .spec import ServerSpec
 from .task import FedTask
 
 BACKENDS = ("ray", "in-process")

@@ -266,19 +266,10 @@ class LoHaLayer(AdapterLayer):
         return result
 
     def _fuses_with_base(self, x: torch.Tensor, name: str) -> bool:
-        """Whether :class:`FactoredLinear` can run base and adapter together: a plain, frozen
-        ``nn.Linear`` base without hooks, in the adapter's dtype, the factored route, no autocast."""
-        base = self.base_layer
-        if type(base) is not nn.Linear or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
-            return False
-        # Hooks on the base layer, or a forward replaced on the instance (accelerate's offloading
-        # does that), must still run: those layers take the separate path.
-        if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
-            return False
-        dtype = self.hada_w1_a[name].dtype
-        if x.dtype != dtype or base.weight.dtype != dtype or torch.is_autocast_enabled(x.device.type):
-            return False
-        return self.mode_for([name], x.numel() // self.in_features) == "factored"
+        """Whether :class:`FactoredLinear` can run base and adapter together: the base takes it
+        (:meth:`~peftlab.layers.AdapterLayer._runs_inside_base`) and the route is factored."""
+        return (self._runs_inside_base(x, self.hada_w1_a[name].dtype)
+                and self.mode_for([name], x.numel() // self.in_features) == "factored")
 
     def _factored_linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """base(x) + ΔW x through :class:`FactoredLinear`, (..., d_out)."""

@@ -251,8 +251,12 @@ class LoraLayer(AdapterLayer):
         return result if self.bias is None else result - self.bias
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         route = self.route
+        if not route.is_mixed and not args and not kwargs and torch.is_grad_enabled():
+            out = self._inside_base(x, route)
+            if out is not None:
+                return out
+        result = self.base_layer(x, *args, **kwargs)
         share, group = None, self._siblings
         if group is not None and ops.fusing() and not (group.skip[0] is route and group.skip[1] == x.shape):
             share = group.take(self._router.scratch, self, x)
@@ -281,6 +285,24 @@ class LoraLayer(AdapterLayer):
                     delta = (f - 1) * self._dora_base(result, x_a if dropped else None) + f * delta
                 result = result + delta.to(result.dtype)
         return result
+
+    def _inside_base(self, x: torch.Tensor, route: Route) -> torch.Tensor | None:
+        """Training one plain LoRA adapter on a plain frozen ``nn.Linear``: base and adapter as one
+        autograd node (:class:`peftlab.ops.LoraLinear`); None where that does not apply (DoRA,
+        dropout, embeddings, several adapters here, no gradient needed, or the base layer does not
+        take it: :meth:`~peftlab.layers.AdapterLayer._runs_inside_base`). Siblings then compute
+        their own down-projections: inside the base, each is one small GEMM of the base's pass."""
+        names = [n for n in route.active if n in self.lora_A and n not in self.merged]
+        if len(names) != 1 or self.is_embedding:
+            return None
+        name = names[0]
+        A, B = self.lora_A[name], self.lora_B[name]
+        if (name in self.magnitude or (self.training and self.dropout_p[name] > 0)
+                or not (x.requires_grad or A.requires_grad or B.requires_grad) or not self._runs_inside_base(x, A.dtype)):
+            return None
+        base = self.base_layer
+        out = ops.LoraLinear.apply(x.reshape(-1, self.in_features), base.weight, base.bias, A, B, self.scaling[name])
+        return out.view(*x.shape[:-1], self.out_features)
 
     # -- sharing the down-projection with siblings (ops.fuse) -----------------------------------------
     # Only plain LoRA with identity dropout shares: DoRA needs its own norms, and sharing one x Aᵀ

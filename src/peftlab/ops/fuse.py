@@ -13,6 +13,9 @@ Shares live in the router's ``scratch`` (:class:`peftlab.routing.Router`), which
 forward's route scope ends, so nothing outlives a forward even if a sibling never ran.
 
 ``configure(fuse_shared_input=False)`` turns sharing off (every layer computes its own product).
+``configure(fuse_with_base=False)`` keeps a training step's adapter out of the base layer's GEMMs
+(:class:`~peftlab.ops.LoraLinear`, LoHa's ``FactoredLinear``): base and adapter then run as
+separate autograd nodes, as in inference.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import weakref
 
 import torch
 
-_OPTIONS = {"fuse_shared_input": True}
+_OPTIONS = {"fuse_shared_input": True, "fuse_with_base": True}
 # Inputs with fewer token rows than this are not shared on the single-adapter path: handing the
 # parts over costs more Python than the kernels it saves (measured, CPU, 1 thread, q/k/v of
 # SmolLM2's shapes: 4 rows ~65 µs slower shared; 128 rows the same either way).
@@ -32,6 +35,8 @@ def configure(**options: bool) -> None:
     """Set runtime options of the kernels, e.g. ``configure(fuse_shared_input=False)``.
 
     ``fuse_shared_input``: layers reading one input share one down-projection matmul (default True).
+    ``fuse_with_base``: where a gradient is needed, a single adapter on a plain frozen ``nn.Linear``
+    runs inside the base layer's GEMMs, one autograd node (default True).
     """
     for key, value in options.items():
         if key not in _OPTIONS:
@@ -48,6 +53,10 @@ def options() -> dict[str, bool]:
 
 def fusing() -> bool:
     return _OPTIONS["fuse_shared_input"]
+
+
+def fusing_with_base() -> bool:
+    return _OPTIONS["fuse_with_base"]
 
 
 def _version(x: torch.Tensor) -> int:

@@ -293,6 +293,36 @@ def add_low_rank(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.T
     return add_up(out, F.linear(x, A), B, scale)
 
 
+class LoraLinear(torch.autograd.Function):
+    """x Wᵀ + b + s · (x Aᵀ) Bᵀ for a frozen dense base (W, b) and one LoRA adapter, as one autograd
+    node. Forward: the base GEMM, then the adapter added into its output in place (``addmm_``).
+    Backward: with u = s · g B (N, r), the input gradient g W + u A is one tensor (``addmm_`` into
+    the base's), not two that autograd adds; dA = uᵀ x, dB = s · gᵀ (x Aᵀ). Against base and adapter
+    as separate nodes that saves one pass over the (N, d_in) gradient and about half the kernels and
+    autograd nodes per layer, which is what bounds a small model's step on a GPU. x is (N, d_in).
+    No autocast, and W, b frozen: the caller checks (``AdapterLayer._runs_inside_base``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scale: float):
+        out = F.linear(x, weight, bias)  # (N, d_out)
+        h = x @ A.T  # (N, r)
+        out.addmm_(h, B.T, alpha=scale)
+        ctx.save_for_backward(x, h, weight, A, B)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, h, weight, A, B = ctx.saved_tensors
+        u = (g @ B).mul_(ctx.scale)  # (N, r)
+        dA = u.T @ x if ctx.needs_input_grad[3] else None
+        dB = (g.T @ h).mul_(ctx.scale) if ctx.needs_input_grad[4] else None
+        dx = (g @ weight).addmm_(u, A) if ctx.needs_input_grad[0] else None
+        return dx, None, None, dA, dB, None
+
+
 def add_up(out: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
     """``out + scale · h @ Bᵀ`` with h = x Aᵀ (..., r) already computed (by a sibling, see
     :mod:`.fuse`): the second half of :func:`add_low_rank`."""
