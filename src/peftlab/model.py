@@ -40,7 +40,8 @@ class PeftModel(nn.Module):
     ``adapter_names=[...]``: one adapter name (or ``"__base__"``) per row of the batch.
     """
 
-    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = DEFAULT) -> None:
+    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = DEFAULT, *,
+                 autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
         self.base_model = model
         self.router = Router()
@@ -53,7 +54,7 @@ class PeftModel(nn.Module):
         self._lean: dict | None = None
         for p in model.parameters():
             p.requires_grad_(False)
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         self.set_adapter(adapter_name)
 
     def __getattr__(self, name: str) -> Any:
@@ -66,8 +67,13 @@ class PeftModel(nn.Module):
             return getattr(self.base_model, name)
 
     # -- adapters -------------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
-        """Attach a new adapter. It is trainable; it becomes active only via :meth:`set_adapter`."""
+    def add_adapter(self, adapter_name: str, config: AdapterConfig, *, autocast_adapter_dtype: bool = True) -> None:
+        """Attach a new adapter. It is trainable; it becomes active only via :meth:`set_adapter`.
+
+        ``autocast_adapter_dtype`` (as in Hugging Face PEFT): on an fp16/bf16 base the adapter's
+        weights are kept in fp32, so the optimizer's small updates are not rounded away; the layers
+        still compute in the base's dtype where they can (weights cast down, not activations up).
+        False keeps them in the base's dtype."""
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(
@@ -79,7 +85,21 @@ class PeftModel(nn.Module):
         get_method(config.method).attach(self, adapter_name, config)
         self.wrap_modules(self._modules_to_save_paths(config), adapter_name, config, ModulesToSaveLayer)
         self.peft_config[adapter_name] = config
+        if autocast_adapter_dtype:
+            self._upcast_adapter(adapter_name)
         self._update_trainable()
+
+    def _upcast_adapter(self, adapter_name: str) -> None:
+        """fp16/bf16 tensors of adapter ``adapter_name`` to fp32, in place (the Parameter objects
+        stay). Copies of whole modules (``modules_to_save``) keep the module's dtype: they replace
+        the base module and must compute as it does."""
+        tensors = [t for _, layer in self.adapter_layers(adapter_name) if not isinstance(layer, ModulesToSaveLayer)
+                   for t in layer.adapter_state(adapter_name).values()]
+        if adapter_name in self.model_adapters:
+            tensors += list(self.model_adapters[adapter_name].parameters())
+        for t in tensors:
+            if t.dtype in (torch.float16, torch.bfloat16):
+                t.data = t.data.float()
 
     def wrap_modules(self, paths: Sequence[str], adapter_name: str, config: AdapterConfig,
                      layer_cls: type[AdapterLayer], **layer_kwargs: Any) -> None:
@@ -461,10 +481,11 @@ class PeftModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = DEFAULT,
-                        is_trainable: bool = False, allow_pickle: bool = False) -> "PeftModel":
+                        is_trainable: bool = False, allow_pickle: bool = False, *,
+                        autocast_adapter_dtype: bool = True) -> "PeftModel":
         """Attach the adapter saved in ``model_id`` (a directory, either format) to ``model``."""
         config, tensors = read_adapter_dir(model_id, allow_pickle)
-        peft_model = cls(model, config, adapter_name)
+        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
             peft_model._load_tensors(adapter_name, tensors, is_trainable)
         except BaseException:
@@ -473,10 +494,10 @@ class PeftModel(nn.Module):
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     allow_pickle: bool = False) -> None:
+                     allow_pickle: bool = False, *, autocast_adapter_dtype: bool = True) -> None:
         """Attach one more saved adapter under ``adapter_name`` (not activated)."""
         config, tensors = read_adapter_dir(model_id, allow_pickle)
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
             self._load_tensors(adapter_name, tensors, is_trainable)
         except BaseException:
@@ -502,6 +523,8 @@ def read_adapter_dir(model_id: str | os.PathLike, allow_pickle: bool) -> tuple[A
     return config, tensors
 
 
-def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = DEFAULT) -> PeftModel:
-    """Freeze ``model`` and attach one adapter made by ``config``'s method."""
-    return PeftModel(model, config, adapter_name)
+def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = DEFAULT, *,
+                   autocast_adapter_dtype: bool = True) -> PeftModel:
+    """Freeze ``model`` and attach one adapter made by ``config``'s method. On an fp16/bf16 base the
+    adapter's weights are fp32 unless ``autocast_adapter_dtype=False`` (see :meth:`PeftModel.add_adapter`)."""
+    return PeftModel(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)

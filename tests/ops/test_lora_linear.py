@@ -111,3 +111,30 @@ def test_what_does_not_run_inside_the_base_gives_the_same_results(case, calls):
         assert calls == []
     if case != "dropout":  # dropout's masks differ between the two forwards' RNG use
         torch.testing.assert_close(out.detach(), ref, **TOL)
+
+
+def test_fp32_adapters_on_a_bf16_base_run_inside_it_cast_down(calls, options):
+    """autocast_adapter_dtype's fp32 A, B on a bf16 base: LoraLinear casts the weights (not the
+    activations) to bf16 and hands back fp32 gradients. The oracle is the same model in fp32: the
+    inside path's gradients are as close to it as the separate nodes' (which cast activations up)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny("llama", "causal-lm", seed=0).to(torch.bfloat16),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    model.train()
+    reference = copy.deepcopy(model).float()  # the bf16 weights, exactly, in fp32
+    ids = torch.randint(3, 100, (3, 10), generator=torch.Generator().manual_seed(1))
+    inside = _grads(model, ids)
+    assert len(calls) == len(model.adapter_layers()) > 0
+    assert {g.dtype for g in inside[1].values()} == {torch.float32}
+    ops.configure(fuse_with_base=False)
+    apart = _grads(model, ids)
+    exact = _grads(reference, ids)
+
+    def error(got, want):
+        return ((got.float() - want).norm() / want.norm()).item()
+
+    assert error(inside[0], exact[0]) <= max(2 * error(apart[0], exact[0]), 1e-2)
+    for k in exact[1]:
+        assert error(inside[1][k], exact[1][k]) <= max(2 * error(apart[1][k], exact[1][k]), 2e-2), k

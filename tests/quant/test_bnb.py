@@ -102,16 +102,21 @@ def test_merge_dequantises_unmerge_restores_and_requantize_states_its_error(conf
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_adapters_take_the_compute_dtype_and_load_onto_a_fresh_base(device, tmp_path):
-    # A bf16 model: the packed codes say uint8, the adapters must still be bf16.
-    model = get_peft_model(bnb_llama(device, torch.bfloat16), LoraConfig(r=4, target_modules="all-linear",
-                                                                          init_lora_weights=False))
-    assert {t.dtype for t in model.adapter_state_dict().values()} == {torch.bfloat16}
+    # A bf16 model: the packed codes say uint8; the adapters are fp32 (autocast_adapter_dtype, the
+    # default, as in PEFT), or bf16 — the compute dtype — without it. Never uint8.
+    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(bnb_llama(device, torch.bfloat16), config)
+    assert {t.dtype for t in model.adapter_state_dict().values()} == {torch.float32}
+    half = get_peft_model(bnb_llama(device, torch.bfloat16), config, autocast_adapter_dtype=False)
+    assert {t.dtype for t in half.adapter_state_dict().values()} == {torch.bfloat16}
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(bnb_llama(device, torch.bfloat16), tmp_path)
     assert torch.equal(logits(loaded), logits(model))
-    block = get_peft_model(bnb_llama(device, torch.bfloat16), BottleneckConfig(variant="pfeiffer", bottleneck=4))
-    assert {t.dtype for t in block.adapter_state_dict().values()} == {torch.bfloat16}
-    assert torch.isfinite(logits(block)).all()
+    for autocast, dtype in ((True, torch.float32), (False, torch.bfloat16)):
+        block = get_peft_model(bnb_llama(device, torch.bfloat16), BottleneckConfig(variant="pfeiffer", bottleneck=4),
+                               autocast_adapter_dtype=autocast)
+        assert {t.dtype for t in block.adapter_state_dict().values()} == {dtype}
+        assert torch.isfinite(logits(block)).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -155,3 +155,14 @@ def test_prompt_prefix_and_llama_adapters_take_turns_on_the_model(family_root, f
     store.acquire("a")  # evicts the last model-level adapter
     assert store.resident == ["a"] and len(store.model.model_adapters) == 0
     assert torch.allclose(logits(store, "base"), base, atol=1e-6)
+
+
+def test_a_bf16_base_serves_its_adapters_in_bf16(root):
+    """Training keeps fp32 adapters on a half-precision base (autocast_adapter_dtype); the server
+    does not train, so the adapters it attaches take the base's dtype and its layers stay bf16."""
+    store = AdapterStore(base_model().to(torch.bfloat16), [root])
+    store.acquire("a")
+    out = logits(store, "a")
+    store.release("a")
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert {t.dtype for t in store.model.adapter_state_dict("a").values()} == {torch.bfloat16}

@@ -166,7 +166,8 @@ class AdaptionPrompts(AttentionAdapter):
         if site.stack != self.stack or key not in self.adaption_prompt:
             return None
         heads, head_dim = query.shape[1], query.shape[3]
-        k, v = prompt_kv(module, self.adaption_prompt[key])  # (K, kv_heads · head_dim) each
+        # Through the frozen projections in their dtype (an fp32 prompt on a bf16 base: cast down).
+        k, v = prompt_kv(module, self.adaption_prompt[key].to(query.dtype))  # (K, kv_heads · head_dim) each
         K = k.shape[0]
         k = k.view(K, -1, head_dim).transpose(0, 1)  # (kv_heads, K, head_dim)
         v = v.view(K, -1, head_dim).transpose(0, 1)

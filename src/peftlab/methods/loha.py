@@ -118,6 +118,8 @@ class FactoredDelta(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g):
         x, h, w1a, w1b, w2a, w2b = ctx.saved_tensors
+        g_base = g
+        g = g.to(h.dtype)  # fp32 factors on a half-precision base: the output (and its gradient) is the base's dtype
         device, dtype, enabled = ctx.autocast
         with torch.autocast(device, dtype=dtype, enabled=enabled):
             t, factor_grads = _factored_backward(g, x, h, w1a, w1b, w2a, w2b, ctx.scaling)
@@ -125,7 +127,7 @@ class FactoredDelta(torch.autograd.Function):
             grads = (dx, *factor_grads, None)
             if len(ctx.needs_input_grad) == 6:  # called without base
                 return grads
-            return grads + (g if ctx.needs_input_grad[6] else None,)
+            return grads + (g_base if ctx.needs_input_grad[6] else None,)
 
 
 def _factored_backward(g, x, h, w1a, w1b, w2a, w2b, scaling: float):

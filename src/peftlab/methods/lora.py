@@ -298,7 +298,8 @@ class LoraLayer(AdapterLayer):
         name = names[0]
         A, B = self.lora_A[name], self.lora_B[name]
         if (name in self.magnitude or (self.training and self.dropout_p[name] > 0)
-                or not (x.requires_grad or A.requires_grad or B.requires_grad) or not self._runs_inside_base(x, A.dtype)):
+                or not (x.requires_grad or A.requires_grad or B.requires_grad) or not A.is_floating_point()
+                or not self._runs_inside_base(x, x.dtype)):  # fp32 A, B on a half base: LoraLinear casts them
             return None
         base = self.base_layer
         out = ops.LoraLinear.apply(x.reshape(-1, self.in_features), base.weight, base.bias, A, B, self.scaling[name])

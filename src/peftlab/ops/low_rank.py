@@ -300,16 +300,21 @@ class LoraLinear(torch.autograd.Function):
     the base's), not two that autograd adds; dA = uᵀ x, dB = s · gᵀ (x Aᵀ). Against base and adapter
     as separate nodes that saves one pass over the (N, d_in) gradient and about half the kernels and
     autograd nodes per layer, which is what bounds a small model's step on a GPU. x is (N, d_in).
-    No autocast, and W, b frozen: the caller checks (``AdapterLayer._runs_inside_base``).
+
+    A and B may be fp32 on a half-precision base (``autocast_adapter_dtype``): they are cast down
+    to x's dtype for the GEMMs (a copy of r·(d_in + d_out) weights, not of the activations) and
+    their gradients come back in their own dtype. No autocast, and W, b frozen: the caller checks
+    (``AdapterLayer._runs_inside_base``).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scale: float):
+        Ac, Bc = A.to(x.dtype), B.to(x.dtype)  # no-ops unless the adapter keeps fp32 weights
         out = F.linear(x, weight, bias)  # (N, d_out)
-        h = x @ A.T  # (N, r)
-        out.addmm_(h, B.T, alpha=scale)
-        ctx.save_for_backward(x, h, weight, A, B)
-        ctx.scale = scale
+        h = x @ Ac.T  # (N, r)
+        out.addmm_(h, Bc.T, alpha=scale)
+        ctx.save_for_backward(x, h, weight, Ac, Bc)
+        ctx.scale, ctx.dtypes = scale, (A.dtype, B.dtype)
         return out
 
     @staticmethod
@@ -317,8 +322,8 @@ class LoraLinear(torch.autograd.Function):
     def backward(ctx, g):
         x, h, weight, A, B = ctx.saved_tensors
         u = (g @ B).mul_(ctx.scale)  # (N, r)
-        dA = u.T @ x if ctx.needs_input_grad[3] else None
-        dB = (g.T @ h).mul_(ctx.scale) if ctx.needs_input_grad[4] else None
+        dA = (u.T @ x).to(ctx.dtypes[0]) if ctx.needs_input_grad[3] else None
+        dB = (g.T @ h).mul_(ctx.scale).to(ctx.dtypes[1]) if ctx.needs_input_grad[4] else None
         dx = (g @ weight).addmm_(u, A) if ctx.needs_input_grad[0] else None
         return dx, None, None, dA, dB, None
 

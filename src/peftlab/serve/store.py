@@ -245,10 +245,12 @@ class AdapterStore:
             self._detach(name)
 
     def _attach(self, name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> None:
+        # Served, not trained: adapters take the base's dtype, so a bf16 base's layers compute in
+        # bf16 throughout (fp32 copies are for the optimizer's small updates).
         if isinstance(self.model, PeftModel):
-            self.model.add_adapter(name, config)
+            self.model.add_adapter(name, config, autocast_adapter_dtype=False)
         else:
-            self.model = PeftModel(self.model, config, name)
+            self.model = PeftModel(self.model, config, name, autocast_adapter_dtype=False)
         try:
             adapters = self.model.model_adapters
             needs = getattr(adapters[name], "extra_inputs", ()) if name in adapters else ()
