@@ -138,3 +138,20 @@ def test_fp32_adapters_on_a_bf16_base_run_inside_it_cast_down(calls, options):
     assert error(inside[0], exact[0]) <= max(2 * error(apart[0], exact[0]), 1e-2)
     for k in exact[1]:
         assert error(inside[1][k], exact[1][k]) <= max(2 * error(apart[1][k], exact[1][k]), 2e-2), k
+
+
+def test_on_a_bf16_base_inference_computes_as_training_does(calls):
+    """fp32 adapters on a bf16 base: a no-grad forward casts the weights down too (not x up), so it
+    runs the very GEMMs LoraLinear runs in training — the outputs agree bit for bit."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny("llama", "causal-lm", seed=0).to(torch.bfloat16),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    assert {t.dtype for t in model.adapter_state_dict().values()} == {torch.float32}
+    ids = torch.randint(3, 100, (3, 10), generator=torch.Generator().manual_seed(1))
+    model.train()  # no dropout configured: train and eval compute the same
+    trained = model(input_ids=ids).logits
+    assert len(calls) == len(model.adapter_layers())
+    with torch.no_grad():
+        served = model(input_ids=ids).logits
+    assert served.dtype == torch.bfloat16
+    torch.testing.assert_close(served, trained.detach(), atol=0, rtol=0)

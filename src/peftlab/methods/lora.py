@@ -41,6 +41,9 @@ from ..routing import Route
 from ..targeting import LINEAR_TYPES, TargetFields, find_targets, query_value_targets, unwrap
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 @dataclass(frozen=True)
 class LoraConfig(TargetFields, AdapterConfig):
     """Configuration of a LoRA adapter."""
@@ -271,6 +274,12 @@ class LoraLayer(AdapterLayer):
                 A, B = self.lora_A[name], self.lora_B[name]
                 if share is not None and name in share:  # x Aᵀ, computed with the siblings'
                     result = ops.add_up(result, share[name], B, self.scaling[name])
+                    continue
+                if (x.dtype != A.dtype and x.dtype in _HALF and not self.is_embedding and name not in self.magnitude
+                        and not (self.training and self.dropout_p[name] > 0)):
+                    # fp32 weights on a half-precision base (autocast_adapter_dtype): computed in the
+                    # base's dtype, as inside the base (ops.LoraLinear) — the weights cast down, not x up
+                    result = ops.add_low_rank(result, x, A.to(x.dtype), B.to(x.dtype), self.scaling[name])
                     continue
                 x_a = self._adapter_input(x, A, self.dropout_p[name])
                 if name not in self.magnitude and not self.is_embedding:
