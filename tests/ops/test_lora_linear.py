@@ -147,7 +147,10 @@ def test_on_a_bf16_base_inference_computes_as_training_does(calls):
     model = get_peft_model(tiny("llama", "causal-lm", seed=0).to(torch.bfloat16),
                            LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
     assert {t.dtype for t in model.adapter_state_dict().values()} == {torch.float32}
-    ids = torch.randint(3, 100, (3, 10), generator=torch.Generator().manual_seed(1))
+    # 8×16 token rows: enough for siblings to share down-projections in a no-grad forward
+    # (ops.fuse.SHARE_MIN_TOKENS), which must not cast x up either
+    ids = torch.randint(3, 100, (8, 16), generator=torch.Generator().manual_seed(1))
+    assert ids.numel() >= ops.fuse.SHARE_MIN_TOKENS
     model.train()  # no dropout configured: train and eval compute the same
     trained = model(input_ids=ids).logits
     assert len(calls) == len(model.adapter_layers())

@@ -337,7 +337,10 @@ class LoraLayer(AdapterLayer):
             return None
         members = self._siblings_for(route)
         units = [(m, n) for m in members for n in route.active if m._can_share(n)]
-        if self not in members or len(members) < 2 or len({m.lora_A[n].dtype for m, n in units}) > 1:
+        # fp32 adapters on a half-precision base compute per layer in the base's dtype (see forward),
+        # as training does; sharing would cast x up instead.
+        dtypes = {m.lora_A[n].dtype for m, n in units}
+        if self not in members or len(members) < 2 or len(dtypes) > 1 or (x.dtype in _HALF and dtypes != {x.dtype}):
             return None
         As = [m.lora_A[n] for m, n in units]
         h = F.linear(x.to(As[0].dtype), torch.cat(As))  # (..., Σr)
