@@ -68,7 +68,7 @@ def peak_memory() -> dict[str, float]:
 def _child(fn: Callable[..., dict], args: tuple, queue) -> None:
     try:
         out = fn(*args)
-        out.update(peak_memory(), **out)  # a figure the function took itself (before profiling, say) stands
+        out = {**peak_memory(), **out}  # a figure the function took itself (before profiling, say) stands
         queue.put(out)
     except BaseException as exc:  # report, don't hang the parent
         queue.put({"error": f"{type(exc).__name__}: {exc}"})

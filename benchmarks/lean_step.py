@@ -205,8 +205,6 @@ def measure(name: str, setup: dict) -> dict:
            "trainable_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6}
     if setup.get("profile"):
         out.update(peak_memory())  # the step's own peak, before the profiler's
-        if "peak_gpu_mib" in out and setup.get("in_process"):
-            out["peak_rss_mib"] = float("nan")
         out["profile"] = profile_step(step, setup["device"], setup["profile"])
     return out
 
@@ -224,8 +222,8 @@ def measure_here(name: str, setup: dict) -> dict:
         out = measure(name, setup)
     except Exception as exc:  # as run_isolated reports a child's failure
         raise RuntimeError(f"measure({name!r}): {type(exc).__name__}: {exc}") from exc
-    out.setdefault("peak_gpu_mib", torch.cuda.max_memory_allocated() / 2**20)
-    out.setdefault("peak_rss_mib", float("nan"))  # a process-wide high-water mark: meaningless here
+    out.setdefault("peak_gpu_mib", torch.cuda.max_memory_allocated() / 2**20)  # unless measured before profiling
+    out["peak_rss_mib"] = float("nan")  # a process-wide high-water mark: meaningless per contender here
     gc.collect()
     torch.cuda.empty_cache()
     return out
