@@ -2,7 +2,8 @@
 
 ``python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.train.ddp_run OUT`` trains
 
-* ``OUT/full``: 3 steps in one go;
+* ``OUT/full``: 3 steps in one go, then an evaluation on ``EVAL_ROWS`` held-out rows, each rank
+  scoring its share (it writes how many rows its eval forwards saw to ``OUT/eval-rows-rank{r}.json``);
 * ``OUT/resumed``: 2 steps, then — from a differently initialised model — resumed to 3;
 * ``OUT/nan``: rank 1's loss turns NaN at step 4, and each rank writes the error it raised
   (step and checkpoint) to ``OUT/nan-rank{r}.json``: all ranks must stop there, none may wait
@@ -28,6 +29,11 @@ from peftlab.train.checkpoint import trainable_tensors
 from .common import collate, counting_rows, lora_llama
 
 ROWS = 16
+EVAL_ROWS = 7  # odd: the ranks' shares differ (3 and 4 rows)
+
+
+def eval_rows():
+    return counting_rows(EVAL_ROWS, seed=5, length=9)
 
 
 def two_adapter_llama(seed=0):
@@ -74,7 +80,13 @@ def main(out: str) -> None:
     record_writes([f"{out}/full", f"{out}/resumed"], written)
 
     model = two_adapter_llama()
-    train(model, rows, args=ddp_args(f"{out}/full"), collate_fn=collate)
+    seen = []  # rows of each forward in eval mode
+    model.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: None if module.training else seen.append(len(kwargs["input_ids"])),
+        with_kwargs=True)
+    train(model, rows, args=ddp_args(f"{out}/full"), collate_fn=collate, eval_rows=eval_rows())
+    with open(f"{out}/eval-rows-rank{rank}.json", "w") as f:
+        json.dump(seen, f)
     save_file({k: t.detach().contiguous() for k, t in trainable_tensors(model).items()}, f"{out}/rank{rank}.safetensors")
 
     train(two_adapter_llama(), rows, args=ddp_args(f"{out}/resumed", steps=2), collate_fn=collate)

@@ -16,7 +16,7 @@ from peftlab.train.report import read_metrics
 from peftlab.train.sampler import Sampler
 
 from .common import collate, counting_rows
-from .ddp_run import ROWS, ddp_args, two_adapter_llama
+from .ddp_run import EVAL_ROWS, ROWS, ddp_args, eval_rows, two_adapter_llama
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,7 +29,8 @@ def test_two_processes_train_what_one_process_trains(tmp_path):
     try:
         # Meanwhile the same run in this process (one thread, as each of the two).
         model = two_adapter_llama()
-        alone = train(model, counting_rows(ROWS), args=ddp_args(tmp_path / "alone"), collate_fn=collate)
+        alone = train(model, counting_rows(ROWS), args=ddp_args(tmp_path / "alone"), collate_fn=collate,
+                      eval_rows=eval_rows())
         expected = {k: t.detach() for k, t in trainable_tensors(model).items()}
         output = proc.communicate(timeout=180)[0].decode()  # ~25 s; longer means ranks wait for each other
     finally:
@@ -52,8 +53,17 @@ def test_two_processes_train_what_one_process_trains(tmp_path):
     assert all(torch.equal(ranks[0][k], init[k]) for k in init if k.startswith("idle/")), \
         "the inactive adapter got no gradient; AdamW must skip it (a zero gradient would let weight decay shrink it)"
 
-    logged = [e["loss"] for e in read_metrics(tmp_path / "full" / "metrics.jsonl")]
+    logged = [e["loss"] for e in read_metrics(tmp_path / "full" / "metrics.jsonl") if e["event"] == "train"]
     assert logged == pytest.approx(alone.losses, abs=1e-5), "the logged loss is the mean over both ranks"
+
+    # The evaluation is split: rank 0 scores rows 0-2, rank 1 rows 3-6 (2 rows per forward, as they
+    # train), and the summed loss is the one-process loss over all 7.
+    assert [json.loads((tmp_path / f"eval-rows-rank{r}.json").read_text()) for r in (0, 1)] == [[2, 1], [2, 2]]
+    assert EVAL_ROWS == 7
+    evals = [e for e in read_metrics(tmp_path / "full" / "metrics.jsonl") if e["event"] == "eval"]
+    assert len(evals) == 1 and evals[0]["step"] == 3
+    assert evals[0]["eval_loss"] == pytest.approx(alone.last_eval["eval_loss"], abs=1e-5)
+    assert evals[0]["perplexity"] == pytest.approx(alone.last_eval["perplexity"], rel=1e-5)
     assert [e["loss"] for e in read_metrics(tmp_path / "resumed" / "metrics.jsonl")] == logged
 
     # A NaN on rank 1 stops both ranks at the same step, after rank 0 kept the last good state.
@@ -95,3 +105,24 @@ def test_launch_refuses_inside_a_launched_process(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="drop --nproc when starting peftlab with torchrun"):
         distributed.launch(2, ["--model", "x"])
+
+
+@pytest.mark.parametrize("n,world", [(7, 2), (2, 3), (10, 4), (5, 1)])
+def test_the_eval_shards_are_the_rows_in_order_and_differ_by_at_most_one(n, world):
+    rows = list(range(n))
+    shares = [distributed.shard(rows, r, world) for r in range(world)]
+    assert [x for share in shares for x in share] == rows
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_summing_the_shards_evaluations_gives_the_whole_evaluation():
+    from peftlab.train import evaluate
+    from peftlab.train.evaluation import eval_sums, metrics_from_sums
+
+    model, rows = two_adapter_llama(), counting_rows(EVAL_ROWS, seed=5, length=9)
+    sums = [eval_sums(model, distributed.shard(rows, r, 3), collate, batch_size=2) for r in range(3)]
+    whole = evaluate(model, rows, collate, batch_size=4)
+    split = metrics_from_sums([sum(column) for column in zip(*sums)], len(rows))
+    assert split == pytest.approx(whole, rel=1e-6)
+    with pytest.raises(ValueError, match="hold no label"):
+        metrics_from_sums(eval_sums(model, [], collate, batch_size=2), 0)

@@ -13,6 +13,9 @@ launcher sets (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTE
 * :func:`data_parallel` wraps the model in ``DistributedDataParallel``, which all-reduces (averages)
   the gradients of the parameters with ``requires_grad`` — the adapter tensors; the frozen base
   model is never communicated after the first broadcast;
+* evaluation is split too: each rank scores a contiguous share of the eval rows (:func:`shard`)
+  and the loss sums and counts are added over the ranks (:func:`all_sum`), so every rank gets the
+  same metrics, equal to one process's up to summation order;
 * rank 0 alone writes checkpoints, ``metrics.jsonl``, ``loss.png``, the model card and the adapter.
 
 With one process (no ``WORLD_SIZE`` in the environment) the functions the loop calls are no-ops.
@@ -108,6 +111,18 @@ def all_sum(values: Sequence[float], device: torch.device) -> list[float]:
     summed = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(summed)  # SUM: gloo has no AVG
     return summed.tolist()
+
+
+def shard(rows: Sequence, index: int | None = None, count: int | None = None) -> Sequence:
+    """Process ``index``'s contiguous share of ``rows`` among ``count`` (default: this rank's among
+    the world): share r of W is ``rows[r·n//W : (r+1)·n//W]``, so the shares differ in size by at
+    most one row and together are ``rows`` in order (``rows`` itself with one process)."""
+    index = rank() if index is None else index
+    count = world_size() if count is None else count
+    if count == 1:
+        return rows
+    n = len(rows)
+    return rows[index * n // count:(index + 1) * n // count]
 
 
 def broadcast_metrics(metrics: dict[str, float], device: torch.device) -> dict[str, float]:

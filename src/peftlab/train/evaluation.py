@@ -12,7 +12,6 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, rows: Sequence[dict], collate_fn: Callable[[list[dict]], dict], *,
              batch_size: int, max_batches: int = 0, autocast: contextlib.AbstractContextManager | None = None
              ) -> dict[str, float]:
@@ -29,13 +28,24 @@ def evaluate(model: torch.nn.Module, rows: Sequence[dict], collate_fn: Callable[
 
     ``autocast`` is entered around each forward (the training loop passes its precision's).
     """
+    if max_batches:
+        rows = rows[:max_batches * batch_size]
+    sums = eval_sums(model, rows, collate_fn, batch_size=batch_size, autocast=autocast)
+    return metrics_from_sums(sums, len(rows))
+
+
+@torch.no_grad()
+def eval_sums(model: torch.nn.Module, rows: Sequence[dict], collate_fn: Callable[[list[dict]], dict], *,
+              batch_size: int, autocast: contextlib.AbstractContextManager | None = None) -> list[float]:
+    """``[loss sum, scored count, correct, is classification]`` over ``rows``, in batches of
+    ``batch_size``: what :func:`evaluate` averages. Sums add up across shards of the rows (the
+    training loop's processes each score a share and add them; see :func:`metrics_from_sums`).
+    Leaves the model in eval mode."""
     model.eval()
     device = next(model.parameters()).device
     shift = not getattr(model.config, "is_encoder_decoder", False)
     loss_sum, count, correct, classification = 0.0, 0, 0, False
     for start in range(0, len(rows), batch_size):
-        if max_batches and start // batch_size >= max_batches:
-            break
         batch = {k: v.to(device) for k, v in collate_fn(list(rows[start:start + batch_size])).items()}
         labels = batch["labels"]
         with autocast or contextlib.nullcontext():
@@ -51,8 +61,15 @@ def evaluate(model: torch.nn.Module, rows: Sequence[dict], collate_fn: Callable[
             logits, labels = logits[:, :-1], labels[:, 1:]
         loss_sum += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum").item()
         count += int((labels != IGNORE).sum())
+    return [loss_sum, count, correct, float(classification)]
+
+
+def metrics_from_sums(sums: Sequence[float], n_rows: int) -> dict[str, float]:
+    """:func:`evaluate`'s metrics from :func:`eval_sums`' sums (of one or several shards of
+    ``n_rows`` rows in all)."""
+    loss_sum, count, correct, classification = sums
     if count == 0:
-        raise ValueError(f"the {len(rows)} eval rows hold no label to score (all -100?); check the eval data")
+        raise ValueError(f"the {n_rows} eval rows hold no label to score (all -100?); check the eval data")
     loss = loss_sum / count
     out: dict[str, Any] = {"eval_loss": loss}
     if classification:

@@ -46,7 +46,7 @@ from .. import runtime
 from . import distributed
 from .args import TrainArgs
 from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint, trainable_tensors
-from .evaluation import evaluate
+from .evaluation import eval_sums, metrics_from_sums
 from .report import MetricsLog, plot_losses, read_metrics, write_model_card
 from .sampler import Sampler
 
@@ -263,9 +263,7 @@ def train(
                 window_losses, window_tokens, window_start = [], 0, now
 
             if (eval_rows or generation_eval) and (args.eval_every and step % args.eval_every == 0 or step == args.steps):
-                # Every process evaluates (on all eval rows) and adopts rank 0's numbers, so all stop alike.
-                metrics = distributed.broadcast_metrics(
-                    _evaluate(model, eval_rows, collate_fn, args, autocast, generation_eval), device)
+                metrics = _evaluate(model, eval_rows, collate_fn, args, autocast, generation_eval, device)
                 result.last_eval = {"step": step, **metrics}
                 emit({"event": "eval", **result.last_eval})
                 if "eval_loss" in metrics:
@@ -305,15 +303,20 @@ def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContex
     return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def _evaluate(model, eval_rows, collate_fn, args: TrainArgs, autocast, generation_eval) -> dict[str, Any]:
-    """Eval loss/perplexity/accuracy on ``eval_rows`` plus the caller's generation metrics."""
+def _evaluate(model, eval_rows, collate_fn, args: TrainArgs, autocast, generation_eval, device) -> dict[str, Any]:
+    """Eval loss/perplexity/accuracy on ``eval_rows`` plus the caller's generation metrics, the
+    same on every process: each scores its share of the rows (as many per forward as it trains on)
+    and the sums are added over the processes; the generation metrics are rank 0's."""
     metrics: dict[str, Any] = {}
     if eval_rows:
-        metrics.update(evaluate(model, eval_rows, collate_fn, batch_size=args.batch_size,
-                                max_batches=args.eval_batches, autocast=autocast))
+        rows = eval_rows[:args.eval_batches * args.batch_size] if args.eval_batches else eval_rows
+        per_forward = max(1, args.batch_size // distributed.world_size())
+        sums = eval_sums(model, distributed.shard(rows), collate_fn, batch_size=per_forward, autocast=autocast)
+        metrics.update(metrics_from_sums(distributed.all_sum(sums, device), len(rows)))
     if generation_eval is not None:
         model.eval()
-        metrics.update(generation_eval(model))
+        # Every process generates; rank 0's numbers are adopted, so decisions taken on them agree.
+        metrics.update(distributed.broadcast_metrics(generation_eval(model), device))
     model.train()
     return metrics
 
