@@ -119,7 +119,7 @@ def test_summing_the_shards_evaluations_gives_the_whole_evaluation():
     from peftlab.train import evaluate
     from peftlab.train.evaluation import eval_sums, metrics_from_sums
 
-    model, rows = two_adapter_llama(), counting_rows(EVAL_ROWS, seed=5, length=9)
+    model, rows = two_adapter_llama(), eval_rows()
     sums = [eval_sums(model, distributed.shard(rows, r, 3), collate, batch_size=2) for r in range(3)]
     whole = evaluate(model, rows, collate, batch_size=4)
     split = metrics_from_sums([sum(column) for column in zip(*sums)], len(rows))
