@@ -15,7 +15,7 @@ Two real tasks on Debian's ``fortunes`` (read from the installed package at run 
 Verdict per eval point: the quantised base is *within noise* when its mean over seeds differs from
 fp32's mean by at most two standard errors of that difference (√(s²_fp32/n + s²_q/n)).
 
-    python benchmarks/quant_curve.py --task cls                  # ~10 min on 2 cores
+    python benchmarks/quant_curve.py --task cls                  # ~40 min on 2 cores (6 runs)
     python benchmarks/quant_curve.py --task lm --steps 40 --eval-every 10 --batch-size 8
 """
 
@@ -26,7 +26,6 @@ import json
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -71,10 +70,9 @@ def run(task: str, base: str, seed: int, rows, held, num_labels, opts) -> dict:
                      schedule="linear", seed=seed, eval_every=opts.eval_every, progress=False)
     collate_fn = lambda b: collate(b, tokenizer.pad_token_id)  # noqa: E731
     evals = [{"step": 0, **evaluate(model, held, collate_fn, batch_size=64)}]  # the quantised base's own cost
-    start = time.perf_counter()
     result = train(model, rows, args=args, eval_rows=held, collate_fn=collate_fn,
                    on_log=lambda record: evals.append(record) if "eval_loss" in record else None)
-    return {"base": base, "seed": seed, "losses": result.losses, "seconds": time.perf_counter() - start,
+    return {"base": base, "seed": seed, "losses": result.losses, "seconds": result.seconds,
             "evals": [{k: e[k] for k in ("step", "eval_loss", "accuracy") if k in e} for e in evals]}
 
 

@@ -28,10 +28,14 @@ def evaluate(model: torch.nn.Module, rows: Sequence[dict], collate_fn: Callable[
 
     ``autocast`` is entered around each forward (the training loop passes its precision's).
     """
-    if max_batches:
-        rows = rows[:max_batches * batch_size]
+    rows = first_batches(rows, batch_size, max_batches)
     sums = eval_sums(model, rows, collate_fn, batch_size=batch_size, autocast=autocast)
     return metrics_from_sums(sums, len(rows))
+
+
+def first_batches(rows: Sequence[dict], batch_size: int, max_batches: int) -> Sequence[dict]:
+    """The rows that ``max_batches`` batches of ``batch_size`` take from the front (all when 0)."""
+    return rows[:max_batches * batch_size] if max_batches else rows
 
 
 @torch.no_grad()

@@ -46,7 +46,7 @@ from .. import runtime
 from . import distributed
 from .args import TrainArgs
 from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint, trainable_tensors
-from .evaluation import eval_sums, metrics_from_sums
+from .evaluation import eval_sums, first_batches, metrics_from_sums
 from .report import MetricsLog, plot_losses, read_metrics, write_model_card
 from .sampler import Sampler
 
@@ -309,7 +309,7 @@ def _evaluate(model, eval_rows, collate_fn, args: TrainArgs, autocast, generatio
     and the sums are added over the processes; the generation metrics are rank 0's."""
     metrics: dict[str, Any] = {}
     if eval_rows:
-        rows = eval_rows[:args.eval_batches * args.batch_size] if args.eval_batches else eval_rows
+        rows = first_batches(eval_rows, args.batch_size, args.eval_batches)
         per_forward = max(1, args.batch_size // distributed.world_size())
         sums = eval_sums(model, distributed.shard(rows), collate_fn, batch_size=per_forward, autocast=autocast)
         metrics.update(metrics_from_sums(distributed.all_sum(sums, device), len(rows)))
